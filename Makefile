@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` (set-up + a short sine meta-training with an
+# adaptation-curve plot) and `make test` (set-up + the test suite). Both create .venv if needed.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: demo test setup clean-venv
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf runs/demo
+	.venv/bin/metarl train experiments/sine_quick.yaml --run-dir runs/demo --evaluate
+	@echo "adaptation curve: runs/demo/eval/adaptation.png  (fits: runs/demo/eval/sine_fits.png)"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf .venv

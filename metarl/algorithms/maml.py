@@ -1,0 +1,78 @@
+"""MAML and first-order MAML for supervised tasks (Finn et al. 2017, Algorithm 2).
+
+The outer objective is the mean over tasks of the query loss at the adapted weights φ_i; its
+gradient with respect to θ flows through :func:`metarl.adaptation.adapt` (second order) or treats
+the inner gradients as constants (``first_order``, sec. 5.2). Two paths compute the same numbers:
+- ``batched`` (default): θ is stacked once per task and the whole meta-batch is adapted with one
+  forward and one backward pass (``metarl.functional.forward_tasks``);
+- the per-task loop, kept as the reference and as the fallback for models whose tasks cannot share
+  one batched call (tests/test_maml.py checks they agree).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..adaptation import adapt, trajectory
+from ..functional import Params, forward, forward_tasks, stack
+from ..tasks.batch import TaskBatch
+
+PerTaskLoss = Callable[[Tensor, Tensor], Tensor]  # (pred [T, N, ...], target) -> [T]
+
+
+@dataclass
+class InnerConfig:
+    """The inner loop (config section ``inner``)."""
+    lr: float = 0.01
+    """Inner step size α (sine: 0.01, Omniglot 5-way: 0.4)."""
+    steps: int = 1
+    """Inner gradient steps during meta-training."""
+    eval_steps: int = 10
+    """Inner steps recorded by ``metarl evaluate`` (the adaptation curve's x axis)."""
+    first_order: bool = False
+    """First-order MAML: drop the second-order terms (Finn et al. 2017 sec. 5.2)."""
+    only: Optional[list[str]] = None
+    """Adapt only these parameters (e.g. the head); null adapts all."""
+    batched: bool = True
+    """One batched pass over the meta-batch (fast) instead of a per-task loop (reference)."""
+
+    def validate(self):
+        if self.lr <= 0 or self.steps < 0 or self.eval_steps < 0:
+            from ..config import ConfigError
+            raise ConfigError(f"inner: lr must be > 0 and steps >= 0 (got lr={self.lr}, steps={self.steps}, eval_steps={self.eval_steps})")
+
+
+def _task_losses(model: nn.Module, loss: PerTaskLoss):
+    def support_sum(x, y):
+        return lambda p: loss(forward_tasks(model, p, x), y).sum()
+    return support_sum
+
+
+def query_losses(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss, *,
+                 steps: int, lr, first_order: bool = False, only=None, batched: bool = True) -> Tensor:
+    """Query loss of each task after ``steps`` inner steps on its support set: [T], differentiable in θ."""
+    if batched:
+        stacked = stack(params, batch.n_tasks)
+        phi = adapt(lambda p: loss(forward_tasks(model, p, batch.x_support), batch.y_support).sum(),
+                    stacked, steps=steps, lr=lr, first_order=first_order, only=only)
+        return loss(forward_tasks(model, phi, batch.x_query), batch.y_query)
+    out = []
+    for i in range(batch.n_tasks):
+        xs, ys, xq, yq = batch.x_support[i], batch.y_support[i], batch.x_query[i], batch.y_query[i]
+        phi = adapt(lambda p: loss(forward(model, p, xs)[None], ys[None]).sum(),
+                    params, steps=steps, lr=lr, first_order=first_order, only=only)
+        out.append(loss(forward(model, phi, xq)[None], yq[None])[0])
+    return torch.stack(out)
+
+
+def adaptation_curve(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss,
+                     metric: PerTaskLoss, *, steps: int, lr, only=None) -> Tensor:
+    """Metric on the query set after 0..steps inner steps, per task: [steps + 1, T] (no outer graph)."""
+    stacked = stack({k: v.detach() for k, v in params.items()}, batch.n_tasks)
+    phis = trajectory(lambda p: loss(forward_tasks(model, p, batch.x_support), batch.y_support).sum(),
+                      stacked, steps, lr=lr, only=only)
+    with torch.no_grad():
+        return torch.stack([metric(forward_tasks(model, phi, batch.x_query), batch.y_query) for phi in phis])

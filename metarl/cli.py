@@ -1,0 +1,114 @@
+"""Command line: ``metarl train | evaluate | plot``.
+
+Every failure a user can fix (bad config key, missing data, corrupt checkpoint, NaN loss) ends
+with one line ``metarl: error: ...`` that names the fix, and exit status 2; tracebacks are for bugs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .training import NonFiniteLoss, RunDirError
+
+    errors = [ConfigError, CheckpointError, RunDirError, NonFiniteLoss, FileNotFoundError]
+    try:
+        from .tasks.episodes import DataError
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def cmd_train(args) -> int:
+    from . import config as configlib
+    from .training import train
+
+    cfg = configlib.load(args.config, args.set)
+    run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+    train(cfg, run_dir, resume=args.resume)
+    print(f"trained {cfg.iterations} iterations: {run_dir}")
+    if args.evaluate:
+        return cmd_evaluate(argparse.Namespace(run_dir=str(run_dir), tasks=None, steps=None, seed=None))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from . import evaluation
+    from .training import load_track
+
+    track, cfg, iteration = load_track(args.run_dir)
+    n = args.tasks if args.tasks is not None else cfg.eval.tasks
+    steps = args.steps if args.steps is not None else (cfg.eval.steps if cfg.eval.steps is not None else cfg.inner.eval_steps)
+    seed = args.seed if args.seed is not None else cfg.eval.seed
+    if n < 2 or steps < 0:
+        raise SystemExit("metarl: error: --tasks must be >= 2 (for a confidence interval) and --steps >= 0")
+    torch.manual_seed(seed)
+    result = track.evaluate(n, steps, seed)
+    data = evaluation.write(result, Path(args.run_dir) / "eval",
+                            title=f"{cfg.track}: {n} fresh tasks, after {iteration} meta-iterations")
+    print(f"{data['metric']} after 0..{steps} inner steps on {n} fresh tasks (mean ± 95% CI):")
+    for name, d in data["methods"].items():
+        cells = "  ".join(f"{m:.4g}±{c:.2g}" for m, c in zip(d["mean"], d["ci95"]))
+        print(f"  {name:>9}: {cells}")
+    print(f"wrote {Path(args.run_dir) / 'eval' / 'adaptation.json'}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from . import evaluation
+    from .plotting import adaptation_plot
+
+    runs = {Path(r).name or str(r): evaluation.load(r) for r in args.run_dirs}
+    metrics = {d["metric"] for d in runs.values()}
+    if len(metrics) > 1:
+        raise SystemExit(f"metarl: error: cannot overlay different metrics {sorted(metrics)}: plot runs of one track")
+    adaptation_plot(runs, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metarl", description="Meta-learning and meta-RL: train, evaluate adaptation, plot.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="meta-train from a YAML config (experiments/*.yaml)")
+    t.add_argument("config", help="path to a YAML config, or the name of one in experiments/")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set inner.lr=0.02")
+    t.add_argument("--run-dir", help="where checkpoints, metrics and plots go (default runs/<config name>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    t.add_argument("--evaluate", action="store_true", help="run `metarl evaluate` on the run when training ends")
+    t.set_defaults(fn=cmd_train)
+    e = sub.add_parser("evaluate", help="adaptation curves on fresh tasks: RUN_DIR/eval/adaptation.{json,csv,png}")
+    e.add_argument("run_dir")
+    e.add_argument("--tasks", type=int, help="number of fresh evaluation tasks (default: config eval.tasks)")
+    e.add_argument("--steps", type=int, help="inner steps 0..K on the curve (default: config)")
+    e.add_argument("--seed", type=int, help="seed of the evaluation tasks (default: config eval.seed)")
+    e.set_defaults(fn=cmd_evaluate)
+    pl = sub.add_parser("plot", help="overlay the adaptation curves of several evaluated runs")
+    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("--out", default="adaptation_overlay.png")
+    pl.set_defaults(fn=cmd_plot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        print(f"metarl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"metarl: {e or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Typed run configuration: YAML in ``experiments/`` → nested dataclasses, with ``--set`` overrides.
+
+Every config has a top-level ``track`` (which problem it runs), ``iterations`` and ``seed``; each
+track declares its own dataclass (see :func:`register_track`). Unknown keys and badly typed
+values stop the run with one line naming the key and the closest valid names, because a typo in a
+hyper-parameter that is silently ignored costs a researcher a whole run. The resolved config is
+saved in every run directory and checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one line that says how to fix it."""
+
+
+TRACKS: dict[str, type] = {}
+
+
+def register_track(name: str) -> Callable[[type], type]:
+    """Class decorator: ``@register_track("sine")`` makes ``track: sine`` load that dataclass."""
+    def deco(cls: type) -> type:
+        TRACKS[name] = cls
+        return cls
+    return deco
+
+
+def _closest(word: str, options) -> str:
+    near = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(repr(n) for n in near)}? " if near else ""
+    return f"{hint}valid: {', '.join(sorted(options))}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return tp()
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where}' must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}")
+        return build(tp, value, prefix=where + ".")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"'{where}' is {value!r}: {_closest(str(value), [str(a) for a in get_args(tp)])}")
+        return value
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"'{where}' has a bad value {value!r}")
+    if origin in (list, tuple):
+        (inner, *_) = get_args(tp) or (Any,)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and inner is not str:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{where}' must be a list, got {value!r}")
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"'{where}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"'{where}' must be an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"'{where}' must be an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"'{where}' must be an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"'{where}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{where}' must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"'{where}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build(cls: type, data: dict, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from ``data``, checking every key and type."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}': {_closest(prefix + key, [prefix + n for n in names])}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check()
+    return obj
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["inner.lr=0.1", "seed=3"]`` → nested dict with YAML-parsed values."""
+    out: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got '{pair}' (e.g. --set inner.lr=0.1)")
+        key, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is set twice as a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def from_dict(data: dict) -> Any:
+    """Resolve a raw mapping (YAML content plus overrides) into the track's typed config."""
+    _load_tracks()
+    if not isinstance(data, dict) or "track" not in data:
+        raise ConfigError(f"config needs a top-level 'track:' key, one of: {', '.join(sorted(TRACKS))}")
+    track = data["track"]
+    if track not in TRACKS:
+        raise ConfigError(f"unknown track '{track}': {_closest(str(track), TRACKS)}")
+    return build(TRACKS[track], data)
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Load ``experiments/NAME.yaml`` (or any path), apply ``--set`` overrides and validate."""
+    path = Path(path)
+    if not path.exists():
+        alt = Path("experiments") / f"{path.name}.yaml"
+        if alt.exists():
+            path = alt
+        else:
+            known = sorted(p.stem for p in Path("experiments").glob("*.yaml")) if Path("experiments").is_dir() else []
+            raise ConfigError(f"config file '{path}' not found" + (f": {_closest(path.stem, known)}" if known else ""))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+    return from_dict(_merge(data, parse_overrides(overrides or [])))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _load_tracks() -> None:
+    """Import the modules that register tracks (kept lazy so ``metarl.config`` stays light)."""
+    import importlib
+
+    for mod in ("metarl.tracks",):
+        importlib.import_module(mod)

@@ -1,0 +1,55 @@
+"""Figures: adaptation curves (mean ± 95% CI vs inner steps) and the sine panels of Finn et al. 2017, fig. 2."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+LABELS = {"mse": "mean squared error", "accuracy": "accuracy", "return": "average return"}
+
+
+def adaptation_plot(runs: dict[str, dict], path: str | Path, title: str = "") -> None:
+    """``runs``: label → adaptation.json content; every method of every run is one curve."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    metric = None
+    for run_label, data in runs.items():
+        metric = data["metric"]
+        steps = np.asarray(data["steps"])
+        for method, d in data["methods"].items():
+            m, c = np.asarray(d["mean"]), np.asarray(d["ci95"])
+            label = f"{run_label}: {method}" if run_label else method
+            line, = ax.plot(steps, m, marker="o", ms=3, label=label)
+            ax.fill_between(steps, m - c, m + c, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("inner gradient steps")
+    ax.set_ylabel(LABELS.get(metric, metric or ""))
+    if metric == "mse":
+        ax.set_yscale("log")
+    n = next(iter(runs.values()))["n_tasks"] if runs else 0
+    ax.set_title(title or f"adaptation on {n} fresh tasks (95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sine_panels(path: str | Path, x_grid: np.ndarray, y_true: np.ndarray, x_support: np.ndarray,
+                y_support: np.ndarray, fits: dict[str, dict[int, np.ndarray]]) -> None:
+    """One panel per method: true curve, the K support points, and the fit after 0, 1 and 10 steps."""
+    fig, axes = plt.subplots(1, len(fits), figsize=(5 * len(fits), 3.6), sharey=True, squeeze=False)
+    for ax, (method, by_step) in zip(axes[0], fits.items()):
+        ax.plot(x_grid, y_true, color="red", lw=2, label="ground truth")
+        ax.scatter(x_support, y_support, marker="^", color="purple", zorder=5, label=f"{len(x_support)} points used for gradient")
+        for step, y in sorted(by_step.items()):
+            style = ":" if step == 0 else "--" if step == 1 else "-"
+            ax.plot(x_grid, y, ls=style, label=f"{'pre-update' if step == 0 else f'{step} grad step' + ('s' if step > 1 else '')}")
+        ax.set_title(method)
+        ax.set_xlabel("x")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

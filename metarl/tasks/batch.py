@@ -1,0 +1,39 @@
+"""A meta-batch of supervised tasks: support and query sets with a leading task axis.
+
+The supervised tracks are the horizon-1 case of meta-RL: one "episode" of support data to adapt
+on, one of query data to score φ on (Finn et al. 2017, Algorithm 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TaskBatch:
+    x_support: Tensor  # [T, Ns, ...]
+    y_support: Tensor  # [T, Ns, ...]
+    x_query: Tensor    # [T, Nq, ...]
+    y_query: Tensor    # [T, Nq, ...]
+
+    def __post_init__(self):
+        t = self.x_support.shape[0]
+        for name in ("y_support", "x_query", "y_query"):
+            v = getattr(self, name)
+            if v.shape[0] != t:
+                raise ValueError(f"TaskBatch.{name} has {v.shape[0]} tasks but x_support has {t}: every tensor needs the same leading task axis")
+        if self.x_support.shape[1] != self.y_support.shape[1] or self.x_query.shape[1] != self.y_query.shape[1]:
+            raise ValueError("TaskBatch: inputs and targets disagree on the number of examples per task")
+
+    @property
+    def n_tasks(self) -> int:
+        return self.x_support.shape[0]
+
+    def task(self, i: int) -> "TaskBatch":
+        return TaskBatch(*(t[i:i + 1] for t in (self.x_support, self.y_support, self.x_query, self.y_query)))
+
+    def to(self, dtype: torch.dtype) -> "TaskBatch":
+        conv = lambda t: t.to(dtype) if t.is_floating_point() else t
+        return TaskBatch(conv(self.x_support), conv(self.y_support), conv(self.x_query), conv(self.y_query))

@@ -1,0 +1,142 @@
+"""The outer loop every track shares: sample, update, log, checkpoint, resume, stop cleanly.
+
+A track (see :mod:`metarl.tracks`) owns its models and its update rule (Adam on the MAML loss for
+supervised tracks, TRPO for meta-RL); this loop owns everything that must be the same for all of
+them: seeding, the RNG that samples tasks, logging, atomic checkpoints every
+``checkpoint_every`` iterations and on SIGINT/SIGTERM, bitwise-exact ``--resume``, and stopping on
+a non-finite loss without touching the last good checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint, config as configlib
+from .logging import RunLogger
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+def check_finite(metrics: dict[str, float], iteration: int) -> None:
+    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+    if bad:
+        k, v = next(iter(bad.items()))
+        raise NonFiniteLoss(f"{k} became {v} at iteration {iteration}: lower the learning rates "
+                            f"(--set outer.lr=..., --set inner.lr=...) and --resume from the last good checkpoint")
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def make_track(cfg):
+    from .tracks import build_track
+
+    return build_track(cfg)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current iteration."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _state(track, cfg, iteration: int, rng: np.random.Generator) -> dict:
+    return {"iteration": iteration, "config": configlib.to_dict(cfg), "track": track.state_dict(),
+            "rng": checkpoint.rng_state(rng)}
+
+
+def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = True):
+    """Run (or continue) meta-training of ``cfg`` in ``run_dir``; returns the trained track.
+
+    Raises :class:`RunDirError` rather than overwrite a run that has a checkpoint."""
+    run_dir = Path(run_dir)
+    has_ckpt = (run_dir / checkpoint.LATEST).exists()
+    if has_ckpt and not resume:
+        raise RunDirError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir")
+    rng = seed_everything(cfg.seed)
+    track = make_track(cfg)
+    start = 0
+    if resume:
+        state = checkpoint.load(run_dir)
+        saved = dict(state["config"])
+        now = configlib.to_dict(cfg)
+        changed = [k for k in now if k not in ("iterations", "checkpoint_every", "log_every", "eval") and now[k] != saved.get(k)]
+        if changed:
+            raise RunDirError(f"--resume with a different config ({', '.join(changed)} changed): only iterations, "
+                              f"checkpoint_every, log_every and eval may change; use a new --run-dir otherwise")
+        track.load_state_dict(state["track"])
+        checkpoint.restore_rng(state["rng"], rng)
+        start = int(state["iteration"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(configlib.dump(cfg))
+    logger = RunLogger(run_dir, cfg.iterations, start, tensorboard=tensorboard)
+    last_saved = start
+    try:
+        with _StopFlag() as stop:
+            for it in range(start, cfg.iterations):
+                metrics = track.train_step(it, rng)
+                check_finite(metrics, it)
+                done = it + 1
+                if it % cfg.log_every == 0 or done == cfg.iterations:
+                    logger.log(it, metrics)
+                logger.advance()
+                if done % cfg.checkpoint_every == 0 or done == cfg.iterations or stop.signal is not None:
+                    checkpoint.save(run_dir, _state(track, cfg, done, rng))
+                    last_saved = done
+                if stop.signal is not None:
+                    raise KeyboardInterrupt(f"stopped by signal {stop.signal} after iteration {done}; "
+                                            f"checkpoint saved: continue with --resume")
+    except NonFiniteLoss as e:
+        raise NonFiniteLoss(f"{e} (last good checkpoint: iteration {last_saved} in {run_dir})") from None
+    finally:
+        logger.close()
+    return track
+
+
+def load_track(run_dir: str | Path):
+    """Rebuild a trained track from ``run_dir`` (config + latest checkpoint) for evaluation."""
+    state = checkpoint.load(run_dir)
+    cfg = configlib.from_dict(state["config"])
+    track = make_track(cfg)
+    track.load_state_dict(state["track"])
+    return track, cfg, int(state["iteration"])
+
+
+def replace(cfg, **changes):
+    """``dataclasses.replace`` that reaches into nested sections: replace(cfg, eval={"tasks": 10})."""
+    out = {}
+    for k, v in changes.items():
+        cur = getattr(cfg, k)
+        out[k] = dataclasses.replace(cur, **v) if isinstance(v, dict) and dataclasses.is_dataclass(cur) else v
+    return dataclasses.replace(cfg, **out)
