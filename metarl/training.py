@@ -118,7 +118,8 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
                     raise KeyboardInterrupt(f"stopped by signal {stop.signal} after iteration {done}; "
                                             f"checkpoint saved: continue with --resume")
     except NonFiniteLoss as e:
-        raise NonFiniteLoss(f"{e} (last good checkpoint: iteration {last_saved} in {run_dir})") from None
+        where = f"last good checkpoint: iteration {last_saved} in {run_dir}" if last_saved else "no checkpoint was saved yet"
+        raise NonFiniteLoss(f"{e} ({where})") from None
     finally:
         logger.close()
     return track

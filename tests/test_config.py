@@ -1,0 +1,43 @@
+"""Config errors: one line naming the key and the closest valid names."""
+import pytest
+
+from metarl import config
+from metarl.config import ConfigError
+
+
+def test_loads_every_experiment_config():
+    import glob
+    paths = glob.glob("experiments/*.yaml")
+    assert paths
+    for p in paths:
+        cfg = config.load(p)
+        assert cfg.iterations >= 1 and isinstance(cfg.seed, int)
+
+
+def test_unknown_key_names_the_closest_valid_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'inner.lrr': did you mean 'inner.lr'"):
+        config.load("experiments/sine.yaml", ["inner.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'iteratons'.*'iterations'"):
+        config.from_dict({"track": "sine", "iteratons": 5})
+
+
+def test_bad_values_and_tracks():
+    with pytest.raises(ConfigError, match="'meta_batch' must be an integer"):
+        config.load("experiments/sine.yaml", ["meta_batch=abc"])
+    with pytest.raises(ConfigError, match="'model.activation' is 'sigmoid'"):
+        config.load("experiments/sine.yaml", ["model.activation=sigmoid"])
+    with pytest.raises(ConfigError, match="unknown track 'sin'.*'sine'"):
+        config.from_dict({"track": "sin"})
+    with pytest.raises(ConfigError, match="inner: lr must be > 0"):
+        config.load("experiments/sine.yaml", ["inner.lr=-1"])
+    with pytest.raises(ConfigError, match="--set expects key=value"):
+        config.load("experiments/sine.yaml", ["inner.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        config.load("experiments/nope.yaml")
+
+
+def test_overrides_are_typed_and_round_trip():
+    cfg = config.load("experiments/sine.yaml", ["inner.lr=0.02", "task.k_shot=5", "inner.first_order=true"])
+    assert cfg.inner.lr == 0.02 and cfg.task.k_shot == 5 and cfg.inner.first_order is True
+    again = config.from_dict(config.to_dict(cfg))
+    assert again == cfg
