@@ -87,9 +87,10 @@ class LinearFeatureBaseline:
     (XᵀX + c·I) w = Xᵀ R on the discounted returns R of the valid steps of one task; when the
     solve fails (singular or non-finite), c is multiplied by 10 and the solve retried, up to 5
     attempts, as rllab does. Here every task of a meta-batch has its own system and its own c, and
-    all systems are solved with one batched ``torch.linalg.solve_ex``; a retry re-solves only the
-    tasks that failed. The solve runs in float64 (rllab uses numpy float64): the features mix
-    o² ≈ 100 with (t/100)³, and float32 normal equations lose most of their digits.
+    all systems are solved with one batched ``torch.linalg.solve_ex``; on a retry only the tasks
+    that failed take the new solution (and the larger c). The solve runs in float64 (rllab uses
+    numpy float64): the features mix o² ≈ 100 with (t/100)³, and float32 normal equations lose
+    most of their digits.
 
     Usage: ``values = LinearFeatureBaseline().fit(obs, returns, mask).predict(obs, mask)`` with
     obs [..., Tmax, B, obs_dim]; ``coeffs`` is [..., n_features] after ``fit``.
