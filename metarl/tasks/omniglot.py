@@ -108,15 +108,17 @@ def load_omniglot(data_dir: str | os.PathLike | None = None, image_size: int = 2
 
     The zips are md5-checked against the folder's ``MD5SUMS`` when the cache is built; later loads
     only compare their size and mtime with those recorded in the cache. The cache file name is keyed
-    by the md5s listed in ``MD5SUMS`` (or computed, if it has none) and ``image_size``, so a different
-    copy of the data never reuses a stale cache. ``cache_dir`` overrides ``$METARL_CACHE``.
+    by the md5s listed in ``MD5SUMS`` (computed if it lists none), ``image_size`` and the folder, so
+    other data never reuses a stale cache and two copies do not keep overwriting one cache file.
+    ``cache_dir`` overrides ``$METARL_CACHE``.
     """
     folder = find_dataset_dir(("omniglot",), [f"{z}.zip" for z in ZIPS], "images_background.zip and "
                               "images_evaluation.zip", data_dir)
     zips = {z: require_file(folder / f"{z}.zip", f"Omniglot {z} zip") for z in ZIPS}
     listed = read_md5sums(folder)
     md5s = {z: listed.get(f"{z}.zip") for z in ZIPS}
-    key = "|".join([_CACHE_VERSION, str(image_size), *(md5s[z] or verify_md5(zips[z], None) for z in ZIPS)])
+    key = "|".join([_CACHE_VERSION, str(image_size), str(folder.resolve()),
+                    *(md5s[z] or verify_md5(zips[z], None) for z in ZIPS)])
     arrays = cached_arrays("omniglot", key, list(zips.values()), lambda: _build(zips, md5s, image_size), cache_dir)
     return OmniglotArrays(arrays["images"], *(tuple(arrays[k].tolist()) for k in ("alphabets", "characters",
                                                                                      "sources")), folder)
@@ -129,7 +131,7 @@ def _vinyals_classes(arrays: OmniglotArrays, split: str) -> tuple[np.ndarray, np
     verify_md5(path, read_md5sums(arrays.data_dir).get(rel))
     index = {name: i for i, name in enumerate(arrays.names)}
     chars, turns = [], []
-    for line in path.read_text().split():
+    for line in filter(None, map(str.strip, path.read_text().splitlines())):
         name, _, rot = line.rpartition("/")
         if name not in index or rot not in ("rot000", "rot090", "rot180", "rot270"):
             raise DataError(f"{path}: unknown class {line!r}; its lines must be Alphabet/characterNN/rotDDD "
