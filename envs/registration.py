@@ -1,0 +1,80 @@
+"""Gymnasium registration of the metarl task envs and :func:`make_task_env`.
+
+Importing :mod:`metarl.envs` registers every id in :data:`TASK_ENV_IDS`, so
+``gymnasium.make("metarl/HalfCheetahVel-v0")`` works.  Entry points are
+strings, so MuJoCo is only imported when a MuJoCo env is actually built.
+``max_episode_steps`` mirrors each env's default ``horizon`` (the envs also
+truncate internally, so ``env.unwrapped.horizon`` is the episode length even
+without Gymnasium's ``TimeLimit``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import gymnasium as gym
+
+__all__ = ["TASK_ENV_IDS", "register_task_envs", "make_task_env"]
+
+_NAMESPACE = "metarl"
+
+#: id -> (entry point, max_episode_steps)
+_SPECS: dict[str, tuple[str, int]] = {
+    "metarl/Navigation2D-v0": ("metarl.envs.navigation:Navigation2DEnv", 100),
+    "metarl/HalfCheetahVel-v0": ("metarl.envs.half_cheetah:HalfCheetahVelEnv", 200),
+    "metarl/HalfCheetahDir-v0": ("metarl.envs.half_cheetah:HalfCheetahDirEnv", 200),
+    "metarl/AntVel-v0": ("metarl.envs.ant:AntVelEnv", 200),
+    "metarl/AntDir-v0": ("metarl.envs.ant:AntDirEnv", 200),
+    "metarl/AntGoal-v0": ("metarl.envs.ant:AntGoalEnv", 200),
+}
+
+TASK_ENV_IDS: tuple[str, ...] = tuple(_SPECS)
+
+
+def register_task_envs() -> None:
+    """Register the metarl task envs with Gymnasium (idempotent, no override warnings)."""
+    for env_id, (entry_point, max_steps) in _SPECS.items():
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point=entry_point, max_episode_steps=max_steps)
+
+
+def _known_task_ids() -> list[str]:
+    return sorted(k for k in gym.registry if k.startswith(_NAMESPACE + "/"))
+
+
+def make_task_env(env_id: str, **kwargs: Any) -> gym.Env:
+    """``gymnasium.make`` for metarl task envs, with a helpful error for unknown ids.
+
+    ``env_id`` may omit the ``metarl/`` namespace (``"AntGoal-v0"``).  Keyword
+    arguments go to ``gymnasium.make`` (env constructor arguments such as
+    ``task=``, ``horizon=``, ``normalize_actions=``, or make options such as
+    ``max_episode_steps=``).  The task interface lives on ``env.unwrapped``.
+
+    Raises:
+        ValueError: one line naming the closest known ids, if ``env_id`` is
+            unknown, or pointing to :class:`TaskWrapper` if it is a plain env.
+    """
+    register_task_envs()
+    if not isinstance(env_id, str):
+        raise ValueError(f"env_id must be a string such as 'metarl/AntVel-v0', got {env_id!r}")
+    known = _known_task_ids()
+    if env_id not in gym.registry and f"{_NAMESPACE}/{env_id}" in gym.registry:
+        env_id = f"{_NAMESPACE}/{env_id}"
+    if env_id not in gym.registry:
+        short = {k.split("/", 1)[1]: k for k in known}
+        close = difflib.get_close_matches(env_id, known, n=3, cutoff=0.4)
+        close += [short[s] for s in difflib.get_close_matches(env_id, list(short), n=3, cutoff=0.4)]
+        close = list(dict.fromkeys(close))[:3]
+        hint = f"did you mean {', '.join(close)}?" if close else f"known ids: {', '.join(known)}"
+        raise ValueError(f"unknown task env id {env_id!r}; {hint}")
+    env = gym.make(env_id, **kwargs)
+    from .checker import find_task_env
+
+    if find_task_env(env) is None:
+        env.close()
+        raise ValueError(
+            f"{env_id!r} is not a task env; build it with gym.make and wrap it: "
+            f"TaskWrapper(env, sample_tasks_fn, set_task_fn)"
+        )
+    return env
