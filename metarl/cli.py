@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
     train(cfg, run_dir, resume=args.resume)
     print(f"trained {cfg.iterations} iterations: {run_dir}")
     if args.evaluate:
-        return cmd_evaluate(argparse.Namespace(run_dir=str(run_dir), tasks=None, steps=None, seed=None))
+        return cmd_evaluate(argparse.Namespace(run_dir=str(run_dir), tasks=None, steps=None, seed=None, set=[]))
     return 0
 
 
@@ -44,14 +44,17 @@ def cmd_evaluate(args) -> int:
     from . import evaluation
     from .training import load_track
 
-    track, cfg, iteration = load_track(args.run_dir)
+    track, cfg, iteration = load_track(args.run_dir, getattr(args, "set", None))
     n = args.tasks if args.tasks is not None else cfg.eval.tasks
     steps = args.steps if args.steps is not None else (cfg.eval.steps if cfg.eval.steps is not None else cfg.inner.eval_steps)
     seed = args.seed if args.seed is not None else cfg.eval.seed
     if n < 2 or steps < 0:
         raise SystemExit("metarl: error: --tasks must be >= 2 (for a confidence interval) and --steps >= 0")
     torch.manual_seed(seed)
-    result = track.evaluate(n, steps, seed)
+    try:
+        result = track.evaluate(n, steps, seed)
+    finally:
+        track.close()
     data = evaluation.write(result, Path(args.run_dir) / "eval",
                             title=f"{cfg.track}: {n} fresh tasks, after {iteration} meta-iterations")
     print(f"{data['metric']} after 0..{steps} inner steps on {n} fresh tasks (mean ± 95% CI):")
@@ -90,6 +93,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", type=int, help="number of fresh evaluation tasks (default: config eval.tasks)")
     e.add_argument("--steps", type=int, help="inner steps 0..K on the curve (default: config)")
     e.add_argument("--seed", type=int, help="seed of the evaluation tasks (default: config eval.seed)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluation-time override, e.g. --set sine_eval.k_shot=5")
     e.set_defaults(fn=cmd_evaluate)
     pl = sub.add_parser("plot", help="overlay the adaptation curves of several evaluated runs")
     pl.add_argument("run_dirs", nargs="+")

@@ -139,11 +139,12 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
+    """``extra`` laid over ``base``, recursively for sections."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -174,7 +175,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Any:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
-    return from_dict(_merge(data, parse_overrides(overrides or [])))
+    return from_dict(merge(data, parse_overrides(overrides or [])))
 
 
 def to_dict(cfg: Any) -> dict:

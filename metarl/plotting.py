@@ -53,3 +53,26 @@ def sine_panels(path: str | Path, x_grid: np.ndarray, y_true: np.ndarray, x_supp
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def navigation_trajectories(path: str | Path, tasks: list[dict], obs_by_step: list, mask_by_step: list,
+                            n_show: int = 4) -> None:
+    """2D navigation: one panel per task, the first episode's path before and after each inner step, and the goal."""
+    n = min(n_show, len(tasks))
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        for s, (obs, mask) in enumerate(zip(obs_by_step, mask_by_step)):
+            valid = np.asarray(mask[i, :, 0]) > 0
+            xy = np.asarray(obs[i, :, 0, :2])[valid]
+            ax.plot(xy[:, 0], xy[:, 1], lw=1.2, label="pre-update" if s == 0 else f"{s} step{'s' if s > 1 else ''}")
+        goal = np.asarray(tasks[i]["goal"], dtype=float)
+        ax.scatter([0], [0], color="black", marker="o", s=15)
+        ax.scatter([goal[0]], [goal[1]], color="red", marker="*", s=120, label="goal")
+        ax.set_xlim(-0.6, 0.6)
+        ax.set_ylim(-0.6, 0.6)
+        ax.set_aspect("equal")
+        ax.set_title(f"task {i}")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -117,18 +117,22 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
                 if stop.signal is not None:
                     raise KeyboardInterrupt(f"stopped by signal {stop.signal} after iteration {done}; "
                                             f"checkpoint saved: continue with --resume")
-    except NonFiniteLoss as e:
+    except FloatingPointError as e:
         where = f"last good checkpoint: iteration {last_saved} in {run_dir}" if last_saved else "no checkpoint was saved yet"
         raise NonFiniteLoss(f"{e} ({where})") from None
     finally:
         logger.close()
+        track.close()
     return track
 
 
-def load_track(run_dir: str | Path):
-    """Rebuild a trained track from ``run_dir`` (config + latest checkpoint) for evaluation."""
+def load_track(run_dir: str | Path, overrides: list[str] | None = None):
+    """Rebuild a trained track from ``run_dir`` (config + latest checkpoint) for evaluation.
+
+    ``overrides`` (``--set`` pairs) change evaluation-time settings, e.g. ``sine_eval.k_shot=5``
+    to test a K=10-trained model with 5 support points."""
     state = checkpoint.load(run_dir)
-    cfg = configlib.from_dict(state["config"])
+    cfg = configlib.from_dict(configlib.merge(state["config"], configlib.parse_overrides(overrides or [])))
     track = make_track(cfg)
     track.load_state_dict(state["track"])
     return track, cfg, int(state["iteration"])

@@ -61,5 +61,8 @@ class Track:
     def train_step(self, iteration: int, rng: np.random.Generator) -> dict[str, float]:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release workers or files (called when training or evaluation ends)."""
+
     def evaluate(self, n_tasks: int, steps: int, seed: int):
         raise NotImplementedError

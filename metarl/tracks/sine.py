@@ -10,7 +10,7 @@ comparison and resume is exact for all of them:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ class SineEvalExtras:
     pretrain_lrs: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.02, 0.05, 0.1])
     """Grid for the pretrain baseline's fine-tuning step size, chosen on validation tasks."""
     validation_tasks: int = 100
+    k_shot: Optional[int] = None
+    """Support points at evaluation (null = task.k_shot): test a K=10-trained model with K=5."""
 
 
 @register_track("sine")
@@ -107,7 +109,8 @@ class SineTrack(Track):
     def _eval_batch(self, n_tasks: int, seed: int, stream: int):
         rng = np.random.default_rng([seed, stream])
         tasks = sine_tasks.sample_tasks(self.cfg.task, n_tasks, rng)
-        batch = sine_tasks.make_batch(self.cfg.task, tasks, self.cfg.task.k_shot, self.cfg.sine_eval.query_points, rng)
+        k = self.cfg.sine_eval.k_shot or self.cfg.task.k_shot
+        batch = sine_tasks.make_batch(self.cfg.task, tasks, k, self.cfg.sine_eval.query_points, rng)
         return tasks, batch
 
     def _curve(self, name: str, batch, steps: int, lr: float) -> np.ndarray:
