@@ -29,7 +29,7 @@ def cmd_train(args) -> int:
     from . import config as configlib
     from .training import train
 
-    cfg = configlib.load(args.config, args.set)
+    cfg = configlib.load(args.config, args.set + ([f"data.dir={args.data_dir}"] if args.data_dir else []))
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
     train(cfg, run_dir, resume=args.resume)
     print(f"trained {cfg.iterations} iterations: {run_dir}")
@@ -44,7 +44,8 @@ def cmd_evaluate(args) -> int:
     from . import evaluation
     from .training import load_track
 
-    track, cfg, iteration = load_track(args.run_dir, getattr(args, "set", None))
+    overrides = list(getattr(args, "set", None) or []) + ([f"data.dir={args.data_dir}"] if getattr(args, "data_dir", None) else [])
+    track, cfg, iteration = load_track(args.run_dir, overrides)
     n = args.tasks if args.tasks is not None else cfg.eval.tasks
     steps = args.steps if args.steps is not None else (cfg.eval.steps if cfg.eval.steps is not None else cfg.inner.eval_steps)
     seed = args.seed if args.seed is not None else cfg.eval.seed
@@ -86,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set inner.lr=0.02")
     t.add_argument("--run-dir", help="where checkpoints, metrics and plots go (default runs/<config name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    t.add_argument("--data-dir", help="dataset folder for image tracks (same as --set data.dir=DIR or $METARL_DATA)")
     t.add_argument("--evaluate", action="store_true", help="run `metarl evaluate` on the run when training ends")
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("evaluate", help="adaptation curves on fresh tasks: RUN_DIR/eval/adaptation.{json,csv,png}")
@@ -95,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, help="seed of the evaluation tasks (default: config eval.seed)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="evaluation-time override, e.g. --set sine_eval.k_shot=5")
+    e.add_argument("--data-dir", help="dataset folder for image tracks (as in train)")
     e.set_defaults(fn=cmd_evaluate)
     pl = sub.add_parser("plot", help="overlay the adaptation curves of several evaluated runs")
     pl.add_argument("run_dirs", nargs="+")

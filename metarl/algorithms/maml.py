@@ -51,21 +51,28 @@ def _task_losses(model: nn.Module, loss: PerTaskLoss):
     return support_sum
 
 
-def query_losses(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss, *,
-                 steps: int, lr, first_order: bool = False, only=None, batched: bool = True) -> Tensor:
-    """Query loss of each task after ``steps`` inner steps on its support set: [T], differentiable in θ."""
+def query_predictions(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss, *,
+                      steps: int, lr, first_order: bool = False, only=None, batched: bool = True) -> Tensor:
+    """Model outputs on each task's query set after ``steps`` inner steps on its support set:
+    [T, Nq, ...], differentiable in θ."""
     if batched:
         stacked = stack(params, batch.n_tasks)
         phi = adapt(lambda p: loss(forward_tasks(model, p, batch.x_support), batch.y_support).sum(),
                     stacked, steps=steps, lr=lr, first_order=first_order, only=only)
-        return loss(forward_tasks(model, phi, batch.x_query), batch.y_query)
+        return forward_tasks(model, phi, batch.x_query)
     out = []
     for i in range(batch.n_tasks):
-        xs, ys, xq, yq = batch.x_support[i], batch.y_support[i], batch.x_query[i], batch.y_query[i]
+        xs, ys = batch.x_support[i], batch.y_support[i]
         phi = adapt(lambda p: loss(forward(model, p, xs)[None], ys[None]).sum(),
                     params, steps=steps, lr=lr, first_order=first_order, only=only)
-        out.append(loss(forward(model, phi, xq)[None], yq[None])[0])
+        out.append(forward(model, phi, batch.x_query[i]))
     return torch.stack(out)
+
+
+def query_losses(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss, **inner) -> Tensor:
+    """Query loss of each task after adaptation: [T], differentiable in θ (MAML's outer objective
+    is its mean). ``inner``: steps, lr, first_order, only, batched as in :func:`query_predictions`."""
+    return loss(query_predictions(model, params, batch, loss, **inner), batch.y_query)
 
 
 def adaptation_curve(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss,

@@ -40,6 +40,8 @@ class RLInnerConfig:
     """Step size at evaluation (null = lr)."""
     episodes: int = 20
     """Episodes per task per inner step (and for the post-update data)."""
+    eval_episodes: Optional[int] = None
+    """Episodes per task per step at evaluation (null = episodes)."""
     first_order: bool = False
 
 
@@ -88,7 +90,7 @@ def adapt_on(policy, params: Params, batches, lr, first_order: bool = False) -> 
     return params
 
 
-def collect_adapted(policy, collector, theta: Params, tasks, inner: RLInnerConfig, adv_cfg: AdvantageConfig,
+def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_cfg: AdvantageConfig,
                     steps: int, lr: float, seed: int):
     """Episodes before and after each of ``steps`` inner steps: ([(episodes, adv) per step], φ detached).
 
@@ -96,7 +98,7 @@ def collect_adapted(policy, collector, theta: Params, tasks, inner: RLInnerConfi
     params = stack({k: v.detach() for k, v in theta.items()}, len(tasks))
     out = []
     for s in range(steps + 1):
-        eps = collector.collect(policy, params, tasks, inner.episodes, seed=seed * 1000 + s)
+        eps = collector.collect(policy, params, tasks, episodes, seed=seed * 1000 + s)
         adv = advantages(eps, adv_cfg)
         out.append((eps, adv))
         if s < steps:
@@ -108,7 +110,7 @@ def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: Advanta
                 seed: int, optimizer=None) -> dict[str, float]:
     """One meta-iteration: sample, adapt, sample again, outer step on θ. Returns diagnostics."""
     theta = {k: p for k, p in policy.named_parameters()}
-    data, phi_old = collect_adapted(policy, collector, theta, tasks, inner, adv_cfg, inner.steps, inner.lr, seed)
+    data, phi_old = collect_adapted(policy, collector, theta, tasks, inner.episodes, adv_cfg, inner.steps, inner.lr, seed)
     train, (valid, valid_adv) = data[:-1], data[-1]
     with torch.no_grad():
         old_mean, old_log_std = policy.forward_tasks(phi_old, valid.obs)

@@ -1,9 +1,9 @@
 """Tracks: one per benchmark family. Importing this package registers their configs."""
 from __future__ import annotations
 
-from . import rl, sine  # noqa: F401  (importing registers the tracks' configs)
+from . import fewshot, rl, sine  # noqa: F401  (importing registers the tracks' configs)
 
-_BUILDERS = {"sine": sine.SineTrack, "rl": rl.RLTrack}
+_BUILDERS = {"sine": sine.SineTrack, "rl": rl.RLTrack, "fewshot": fewshot.FewShotTrack}
 
 
 def build_track(cfg):

@@ -115,8 +115,8 @@ class RLTrack(Track):
         lr = cfg.inner.eval_lr if cfg.inner.eval_lr is not None else cfg.inner.lr
         curves, data_by_method = {}, {}
         for name, policy in self.modules.items():
-            data, _ = collect_adapted(policy, self.collector, params_of(policy), tasks, cfg.inner, cfg.advantages,
-                                      steps, lr, seed)
+            data, _ = collect_adapted(policy, self.collector, params_of(policy), tasks,
+                                      cfg.inner.eval_episodes or cfg.inner.episodes, cfg.advantages, steps, lr, seed)
             curves[name] = np.stack([eps.returns.mean(-1).numpy() for eps, _ in data], axis=1)
             data_by_method[name] = data
         result = EvalResult("return", True, curves)
