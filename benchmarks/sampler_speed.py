@@ -1,0 +1,121 @@
+"""Sampler throughput on HalfCheetahVel: the collector vs a single-core raw ``mujoco.mj_step`` loop.
+
+Measures, in one run and on the same MuJoCo model:
+- raw:     a single-process Python loop of ``mj_step(model, data, nstep=5)`` over T×B MjData
+           (frame skip 5, the env step), with precomputed random controls and no policy at all;
+- fast:    ``Collector`` on the MuJoCo fast path (mujoco.batch threads + one batched policy call
+           per step), the default for HalfCheetahVel;
+- generic: ``Collector(fast_path=False)``: one Gymnasium env per episode in worker processes.
+and prints env steps / second and the ratios to the raw loop (target: fast >= 1.2x raw).
+Default meta-batch 40 tasks × 20 episodes × 200 steps (MAML's HalfCheetah setting).
+
+Run: .venv/bin/python benchmarks/sampler_speed.py [--tasks 40 --episodes 20 --workers 2]
+
+The meta-iteration breakdown (sampling vs adaptation vs TRPO step) is not measured here yet:
+:func:`meta_iteration_breakdown` is the place to add it.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import mujoco
+import numpy as np
+import torch
+
+from metarl.envs.half_cheetah import HalfCheetahVelEnv
+from metarl.policies.gaussian import GaussianMLPPolicy
+from metarl.rollouts import Collector
+
+ENV_ID = "metarl/HalfCheetahVel-v0"
+
+
+def raw_mj_step_rate(env, n_states: int, n_steps: int, frame_skip: int = 5, seed: int = 0) -> float:
+    """Env steps per second of a plain single-core loop: for each step, for each state,
+    ``data.ctrl[:] = u; mj_step(model, data, nstep=frame_skip)``. No policy, no observations.
+    The states start where the env's resets put them (``env`` is a HalfCheetahVel env), so the
+    contacts, hence the cost per step, are those of real episodes."""
+    rng = np.random.default_rng(seed)
+    model, spec = env.unwrapped.model, mujoco.mjtState.mjSTATE_INTEGRATION
+    row = np.empty(mujoco.mj_stateSize(model, spec))
+    datas = []
+    for i in range(n_states):
+        env.reset(seed=seed + i)
+        mujoco.mj_getState(model, env.unwrapped.data, row, spec)
+        datas.append(mujoco.MjData(model))
+        mujoco.mj_setState(model, datas[-1], row, spec)
+    controls = rng.uniform(-1.0, 1.0, size=(n_steps, n_states, model.nu))
+    start = time.perf_counter()
+    for t in range(n_steps):
+        u = controls[t]
+        for i, d in enumerate(datas):
+            d.ctrl[:] = u[i]
+            mujoco.mj_step(model, d, nstep=frame_skip)
+    return n_states * n_steps / (time.perf_counter() - start)
+
+
+def collector_rate(collector: Collector, policy, tasks, episodes: int, seed: int = 0) -> tuple[float, float]:
+    """(env steps per second, seconds) of one ``collect`` call, after a small warm-up call that
+    builds the envs / batch so that start-up costs are not counted."""
+    collector.collect(policy, None, tasks, episodes, seed=seed + 1)
+    start = time.perf_counter()
+    ep = collector.collect(policy, None, tasks, episodes, seed=seed)
+    seconds = time.perf_counter() - start
+    return ep.n_steps / seconds, seconds
+
+
+def sampling_speed(n_tasks: int = 40, episodes: int = 20, horizon: int = 200, n_workers: int = 2,
+                   generic: bool = True, seed: int = 0) -> dict:
+    """Steps/second of the raw loop, the fast-path collector and (optionally) the generic one."""
+    torch.manual_seed(seed)
+    policy = GaussianMLPPolicy(17, 6)
+    tasks = HalfCheetahVelEnv.sample_tasks(n_tasks, np.random.default_rng(seed))
+    results: dict = {"tasks": n_tasks, "episodes": episodes, "horizon": horizon, "workers": n_workers}
+    with Collector(ENV_ID, {"horizon": horizon}, n_workers=n_workers) as fast:
+        if not fast.fast_path:
+            raise RuntimeError(f"{ENV_ID} did not take the fast path: check that mujoco.batch is available (MuJoCo >= 4.0)")
+        results["raw"] = raw_mj_step_rate(fast._probe, n_tasks * episodes, horizon)
+        results["fast"], results["fast_seconds"] = collector_rate(fast, policy, tasks, episodes, seed)
+    if generic:
+        with Collector(ENV_ID, {"horizon": horizon}, n_workers=n_workers, fast_path=False) as slow:
+            results["generic"], results["generic_seconds"] = collector_rate(slow, policy, tasks, episodes, seed)
+    return results
+
+
+def meta_iteration_breakdown(args: argparse.Namespace) -> dict:
+    """Extension point: time one MAML-TRPO meta-iteration by phase (sampling, inner adaptation,
+    outer TRPO step). Returns {phase: seconds}; empty until implemented."""
+    return {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", type=int, default=40)
+    ap.add_argument("--episodes", type=int, default=20)
+    ap.add_argument("--horizon", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=2, help="collector workers (threads on the fast path)")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads for the policy call (the simulators already use the cores)")
+    ap.add_argument("--no-generic", action="store_true", help="skip the generic-path measurement")
+    args = ap.parse_args()
+    torch.set_num_threads(args.torch_threads)
+
+    r = sampling_speed(args.tasks, args.episodes, args.horizon, args.workers, generic=not args.no_generic)
+    n_steps = r["tasks"] * r["episodes"] * r["horizon"]
+    print(f"HalfCheetahVel, {r['tasks']} tasks x {r['episodes']} episodes x {r['horizon']} steps = {n_steps} env steps, "
+          f"{r['workers']} workers, torch threads {args.torch_threads}")
+    print(f"  raw mj_step loop (1 core, frame skip 5): {r['raw']:10.0f} steps/s")
+    print(f"  collector, fast path                   : {r['fast']:10.0f} steps/s  ({r['fast_seconds']:.2f} s)  "
+          f"ratio to raw {r['fast'] / r['raw']:.2f}x (target >= 1.2x)")
+    if "generic" in r:
+        print(f"  collector, generic path                : {r['generic']:10.0f} steps/s  ({r['generic_seconds']:.2f} s)  "
+              f"ratio to raw {r['generic'] / r['raw']:.2f}x")
+    breakdown = meta_iteration_breakdown(args)
+    if breakdown:
+        print("meta-iteration breakdown:")
+        for phase, seconds in breakdown.items():
+            print(f"  {phase:<24s} {seconds:.3f} s")
+
+
+if __name__ == "__main__":
+    main()

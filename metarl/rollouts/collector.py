@@ -1,0 +1,739 @@
+"""Collect a meta-batch of episodes: T tasks × B episodes, all stepped in lock-step.
+
+Design contract
+---------------
+``Collector(env_id, env_kwargs).collect(policy, params, tasks, episodes_per_task, seed=...)``
+returns :class:`~metarl.rollouts.episodes.Episodes` with a leading task axis. ``params`` are the
+policy's weights, either θ (stacked internally, every task acts with the same policy) or already
+stacked per task (leading axis T = ``len(tasks)``, e.g. MAML's adapted φ_i). All T×B episodes
+advance together; each time step makes ONE batched policy call over every task
+(``policy.forward_tasks(params, obs [T, B, obs_dim])``), which is what makes collecting with T
+different adapted policies as cheap as with one. The collector never computes gradients (the
+call runs under ``torch.no_grad``) and never adapts: adaptation belongs to the algorithm.
+
+Actions
+-------
+Actions are sampled with the policy's distribution (``policies.gaussian.sample`` unless the policy
+defines ``sample(mean, log_std, generator)`` / ``log_prob(mean, log_std, actions)``) from a
+``torch.Generator`` seeded from ``seed``. They are clipped to the action space only on their way
+to the env; :attr:`Episodes.actions` holds the unclipped sample, whose log-probability
+:attr:`Episodes.log_probs` is the quantity the policy gradient needs (a clipped action has no
+density under the Gaussian). Envs that bound their own inputs (MuJoCo clamps ``ctrl``) see the
+same clipped values on both paths.
+
+Reproducibility
+---------------
+The same seed gives identical Episodes, whichever path and however many workers: episode b of
+task i is reset with ``env.reset(seed=s_ib)``, ``s_ib`` derived from (seed, i, b) by
+``numpy.random.SeedSequence``, and the action noise for all T×B episodes is drawn in one
+``randn`` call per step on the main process, whether or not an episode is still running.
+
+Two paths
+---------
+* Generic: one Gymnasium env per episode, any :class:`~metarl.envs.base.TaskEnv` (including a
+  user's ``TaskWrapper``). With ``n_workers >= 1`` the envs live in worker processes (each owns a
+  contiguous block of the T×B episodes and builds its own envs from the env id); the main process
+  runs the policy and exchanges one message per worker per step over a pipe. ``n_workers=0`` steps
+  the same code in-process: the reference path. Every env output is validated (finite
+  observation of the right shape, real scalar reward); bad output raises :class:`EnvOutputError`
+  naming the env, the episode and the problem.
+* Fast (:mod:`metarl.rollouts.mujoco_batch`): the built-in MuJoCo task envs are stepped all at
+  once in C on ``max(1, n_workers)`` threads, with observations and rewards from the envs'
+  vectorised ``batch_*`` functions; bit-identical to the generic path (checked at start-up).
+"""
+from __future__ import annotations
+
+import functools
+import multiprocessing as mp
+import secrets
+import signal
+import sys
+import warnings
+import weakref
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..functional import forward_tasks
+from . import mujoco_batch
+from .episodes import Episodes
+
+__all__ = ["Collector", "EnvOutputError", "episode_seeds"]
+
+EnvSpec = Union[str, Callable[[], Any]]
+
+
+class EnvOutputError(ValueError):
+    """An env returned something a policy cannot consume (NaN observation, wrong shape, a reward
+    that is not a real scalar...). The message is one line naming the env, the episode and the fix."""
+
+
+# ============================================================================ env construction
+
+
+def _make_env(env: EnvSpec, kwargs: Optional[Mapping[str, Any]]):
+    """Build one env. Module-level so a worker started with ``spawn`` can unpickle it."""
+    if isinstance(env, str):
+        import gymnasium as gym
+
+        import metarl.envs  # noqa: F401  (registers the metarl/... ids)
+
+        return gym.make(env, **dict(kwargs or {}))
+    return env(**dict(kwargs or {}))
+
+
+def _env_name(env: EnvSpec) -> str:
+    if isinstance(env, str):
+        return env
+    return getattr(env, "__qualname__", None) or getattr(env, "__name__", None) or type(env).__name__
+
+
+def _find_task_env(env):
+    """The object in ``env``'s wrapper chain that implements ``set_task`` (a TaskEnv or TaskWrapper).
+
+    ``gymnasium.make`` wraps the env, and Gymnasium 1.x wrappers do not forward attribute access,
+    so the task interface is found by walking ``.env`` down to ``.unwrapped``."""
+    node = env
+    while True:
+        if callable(getattr(type(node), "set_task", None)):
+            return node
+        nxt = getattr(node, "env", None)
+        if nxt is None or nxt is node:
+            return None
+        node = nxt
+
+
+def episode_seeds(seed: int, n_tasks: int, episodes_per_task: int) -> np.ndarray:
+    """Reset seed of episode b of task i, ``[T, B]`` int64, from ``SeedSequence(seed, spawn_key=(i, b))``.
+
+    Depends only on (seed, i, b): changing the number of tasks does not change the start states
+    of the others, and different (i, b) get statistically independent seeds."""
+    out = np.empty((n_tasks, episodes_per_task), dtype=np.int64)
+    for i in range(n_tasks):
+        for b in range(episodes_per_task):
+            words = np.random.SeedSequence(seed, spawn_key=(i, b)).generate_state(2, np.uint32)
+            out[i, b] = (int(words[0]) << 31) ^ int(words[1])  # 63-bit, non-negative
+    return out
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# ============================================================================ generic env group
+
+
+class _EnvGroup:
+    """A block of Gymnasium envs, one per episode slot, stepped in a Python loop.
+
+    Used in-process (``n_workers=0``) and inside each worker process; it imports no torch.
+    Envs are built on demand and kept between collections (building a MuJoCo env costs ms)."""
+
+    def __init__(self, env_fn: Callable[[], Any], env_name: str, obs_shape: tuple, info_spec: Mapping[str, tuple]):
+        self.env_fn = env_fn
+        self.env_name = env_name
+        self.obs_shape = tuple(obs_shape)
+        self.info_spec = dict(info_spec)
+        self.offset = 0  # global slot index of this group's first slot (set by reset)
+        self.envs: list = []
+        self.task_envs: list = []
+        self.episodes_per_task = 1  # for messages: slot g is episode g % B of task g // B
+
+    def _where(self, k: int) -> str:
+        g, b = self.offset + k, self.episodes_per_task
+        return f"{self.env_name} (task {g // b}, episode {g % b})"
+
+    def _check_obs(self, obs, k: int, what: str) -> np.ndarray:
+        try:
+            arr = np.asarray(obs, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise EnvOutputError(f"{self._where(k)}: {what} returned a non-numeric observation of type "
+                                 f"{type(obs).__name__}; return a float array of shape {self.obs_shape}") from None
+        if arr.shape != self.obs_shape:
+            raise EnvOutputError(f"{self._where(k)}: {what} returned an observation of shape {arr.shape}, the "
+                                 f"observation space says {self.obs_shape}; make them agree")
+        if not np.isfinite(arr).all():
+            raise EnvOutputError(f"{self._where(k)}: {what} returned an observation containing NaN/inf; fix the env "
+                                 f"(or terminate the episode before its state blows up)")
+        return arr
+
+    def _check_reward(self, reward, k: int) -> float:
+        arr = np.asarray(reward)
+        if arr.shape != () or arr.dtype.kind not in "fiub":
+            raise EnvOutputError(f"{self._where(k)}: step() returned reward {_one_line(repr(reward))[:60]} "
+                                 f"(shape {arr.shape}, dtype {arr.dtype}); return a real scalar reward")
+        value = float(arr)
+        if not np.isfinite(value):
+            raise EnvOutputError(f"{self._where(k)}: step() returned a non-finite reward ({value}); fix the env's reward")
+        return value
+
+    def _infos(self, info, out: Mapping[str, np.ndarray], k: int) -> None:
+        if not isinstance(info, Mapping):
+            return
+        for key, shape in self.info_spec.items():
+            if key in info:
+                try:
+                    out[key][k] = np.asarray(info[key], dtype=np.float64).reshape(shape)
+                except (TypeError, ValueError):
+                    pass  # infos are optional extras: unreadable entries stay NaN
+
+    def reset(self, tasks: Sequence[Mapping[str, Any]], seeds: Sequence[int], episodes_per_task: int,
+              offset: int = 0) -> np.ndarray:
+        """Start one episode per slot (task, seed); ``offset`` is the global index of slot 0."""
+        self.episodes_per_task = max(1, int(episodes_per_task))
+        self.offset = int(offset)
+        n = len(tasks)
+        while len(self.envs) < n:
+            env = self.env_fn()
+            task_env = _find_task_env(env)
+            if task_env is None:
+                raise TypeError(f"{self.env_name} is not a task env (no set_task in its wrapper chain); wrap it with "
+                                f"metarl.envs.TaskWrapper(env, sample_tasks_fn, set_task_fn)")
+            self.envs.append(env)
+            self.task_envs.append(task_env)
+        obs = np.empty((n, *self.obs_shape))
+        for k in range(n):
+            self.task_envs[k].set_task(dict(tasks[k]))
+            try:
+                o, _ = self.envs[k].reset(seed=int(seeds[k]))
+            except EnvOutputError:
+                raise
+            except Exception as exc:
+                raise RuntimeError(f"{self._where(k)}: reset() raised {type(exc).__name__}: {_one_line(exc)}") from exc
+            obs[k] = self._check_obs(o, k, "reset()")
+        return obs
+
+    def step(self, actions: np.ndarray, active: np.ndarray):
+        n = len(actions)
+        obs = np.full((n, *self.obs_shape), np.nan)
+        reward = np.full(n, np.nan)
+        terminated = np.zeros(n, dtype=bool)
+        truncated = np.zeros(n, dtype=bool)
+        infos = {key: np.full((n, *shape), np.nan) for key, shape in self.info_spec.items()}
+        for k in np.flatnonzero(active):
+            try:
+                o, r, te, tr, info = self.envs[k].step(actions[k])
+            except EnvOutputError:
+                raise
+            except Exception as exc:
+                raise RuntimeError(f"{self._where(k)}: step() raised {type(exc).__name__}: {_one_line(exc)}") from exc
+            obs[k] = self._check_obs(o, k, "step()")
+            reward[k] = self._check_reward(r, k)
+            terminated[k] = bool(te)
+            truncated[k] = bool(tr)
+            self._infos(info, infos, k)
+        return obs, reward, terminated, truncated, infos
+
+    def close(self) -> None:
+        for env in self.envs:
+            try:
+                env.close()
+            except Exception:
+                pass
+        self.envs, self.task_envs = [], []
+
+
+# ============================================================================ worker processes
+
+
+def _worker_main(conn, env_fn, env_name, obs_shape, info_spec) -> None:
+    """Worker loop: receive ``(command, args)``, run it on the env group, send ``(status, result)``.
+
+    SIGINT is ignored so that Ctrl-C reaches only the parent, which then shuts workers down in
+    order; a closed pipe (parent gone) ends the loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    group = _EnvGroup(env_fn, env_name, obs_shape, info_spec)
+    try:
+        while True:
+            try:
+                cmd, args = conn.recv()
+            except (EOFError, OSError):
+                break
+            if cmd == "close":
+                break
+            try:
+                result = getattr(group, cmd)(*args)
+                conn.send(("ok", result))
+            except EnvOutputError as exc:
+                conn.send(("output", _one_line(exc)))
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
+                conn.send(("error", _one_line(exc) if isinstance(exc, RuntimeError) else
+                           f"{env_name}: {type(exc).__name__}: {_one_line(exc)}"))
+    finally:
+        group.close()
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+
+def _shutdown(procs, conns) -> None:
+    """Ask workers to exit, then make sure they did (terminate stragglers). Idempotent."""
+    for conn in conns:
+        try:
+            conn.send(("close", ()))
+        except Exception:
+            pass
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=1)
+    for conn in conns:
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+
+class _WorkerPool:
+    """``n`` processes, each owning a contiguous block of the episode slots (pipes, lock-step).
+
+    Workers are started on first use and live until :meth:`close`; each keeps the envs it built
+    and is told at every reset which block of slots it owns, so meta-batches of different sizes
+    (training vs evaluation) reuse the same processes and envs."""
+
+    def __init__(self, n: int, env_fn, env_name: str, obs_shape, info_spec, start_method: str):
+        self.n = n
+        self.env_name = env_name
+        self._init = (env_fn, env_name, tuple(obs_shape), dict(info_spec))
+        self._ctx = mp.get_context(start_method)
+        self.procs: list = []
+        self.conns: list = []
+        self.bounds: list[tuple[int, int]] = []
+        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns)
+
+    def _start(self) -> None:
+        if self.procs and all(p.is_alive() for p in self.procs):
+            return
+        self.close()
+        for w in range(self.n):
+            parent, child = self._ctx.Pipe()
+            p = self._ctx.Process(target=_worker_main, args=(child, *self._init), daemon=True,
+                                  name=f"metarl-collector-{w}")
+            p.start()
+            child.close()
+            self.procs.append(p)
+            self.conns.append(parent)
+        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns)
+
+    def _call(self, cmd: str, per_worker_args: list) -> list:
+        # Every worker gets a command and every reply is read before raising, so the pipes stay in
+        # sync; if we are interrupted in between (Ctrl-C), the replies can no longer be matched to
+        # requests, so the workers are stopped and the next collection starts fresh ones.
+        completed = False
+        try:
+            for conn, args in zip(self.conns, per_worker_args):
+                conn.send((cmd, args))
+            results, failure, dead = [], None, False
+            for w, conn in enumerate(self.conns):
+                try:
+                    status, payload = conn.recv()
+                except (EOFError, OSError):
+                    self.procs[w].join(timeout=1)
+                    status, payload, dead = "error", (f"{self.env_name}: collector worker {w} died (exit code "
+                                                      f"{self.procs[w].exitcode}); check memory and the env's constructor"), True
+                if status != "ok" and failure is None:
+                    failure = (status, payload)
+                results.append(payload)
+            completed = not dead
+        finally:
+            if not completed:
+                self.close()
+        if failure is not None:
+            status, msg = failure
+            raise (EnvOutputError if status == "output" else RuntimeError)(msg)
+        return results
+
+    def reset(self, tasks, seeds, episodes_per_task) -> np.ndarray:
+        self._start()
+        per = -(-len(tasks) // self.n)
+        self.bounds = [(min(w * per, len(tasks)), min((w + 1) * per, len(tasks))) for w in range(self.n)]
+        out = self._call("reset", [(tasks[lo:hi], seeds[lo:hi], episodes_per_task, lo) for lo, hi in self.bounds])
+        return np.concatenate(out, axis=0)
+
+    def step(self, actions, active):
+        out = self._call("step", [(actions[lo:hi], active[lo:hi]) for lo, hi in self.bounds])
+        obs, rew, te, tr, infos = zip(*out)
+        merged = {key: np.concatenate([d[key] for d in infos], axis=0) for key in infos[0]}
+        return (np.concatenate(obs), np.concatenate(rew), np.concatenate(te), np.concatenate(tr), merged)
+
+    def close(self) -> None:
+        self._finalizer()
+        self.procs.clear()
+        self.conns.clear()
+        self.bounds = []
+
+
+class _InProcess:
+    """``n_workers=0``: the same env group, called directly (the reference path)."""
+
+    def __init__(self, env_fn, env_name, obs_shape, info_spec):
+        self.group = _EnvGroup(env_fn, env_name, obs_shape, info_spec)
+
+    def reset(self, tasks, seeds, episodes_per_task):
+        return self.group.reset(tasks, seeds, episodes_per_task)
+
+    def step(self, actions, active):
+        return self.group.step(actions, active)
+
+    def close(self):
+        self.group.close()
+
+
+class _FastPath:
+    def __init__(self, stepper: mujoco_batch.MujocoBatchStepper):
+        self.stepper = stepper
+
+    def reset(self, tasks, seeds, episodes_per_task):
+        return self.stepper.reset(tasks, seeds)
+
+    def step(self, actions, active):
+        return self.stepper.step(actions, active)
+
+    def close(self):
+        self.stepper.close()
+
+
+# ============================================================================ collector
+
+
+def _numeric_info_spec(info: Any) -> dict[str, tuple]:
+    """Keys of an ``info`` dict whose values are numbers or fixed-size numeric arrays, with shapes."""
+    spec: dict[str, tuple] = {}
+    if not isinstance(info, Mapping):
+        return spec
+    for key, value in info.items():
+        if key == "task" or isinstance(value, (str, bytes, Mapping)):
+            continue
+        try:
+            arr = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            continue
+        if arr.ndim <= 1:
+            spec[str(key)] = tuple(arr.shape)
+    return spec
+
+
+def _default_start_method() -> str:
+    # fork: workers start in milliseconds and inherit the imports and any env factory (closures
+    # included); they never touch torch, so the parent's torch threads are not an issue (the same
+    # reasoning as torch's DataLoader). Elsewhere spawn, the only portable choice.
+    return "fork" if sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() else "spawn"
+
+
+class Collector:
+    """Collects :class:`Episodes` for a list of tasks with per-task policy parameters.
+
+    Args:
+        env: a Gymnasium env id (``"metarl/HalfCheetahVel-v0"``; built with ``gymnasium.make``
+            after ``metarl.envs`` registered its ids) or a zero-argument factory returning a task
+            env (e.g. ``lambda: TaskWrapper(gym.make("Pendulum-v1"), sample, set_g)``; with the
+            ``spawn`` start method it must be picklable, e.g. a module-level function).
+        env_kwargs: keyword arguments for ``gymnasium.make`` / the factory (``horizon=50``...).
+        n_workers: worker processes for the generic path (threads for the fast path); 0 runs
+            everything in the calling process. Results do not depend on it.
+        fast_path: None picks the MuJoCo fast path when the env supports it (and it reproduces
+            ``env.step`` exactly on a short self-check), True requires it, False disables it.
+        max_episode_steps: cap on episode length; default: the env's ``TimeLimit`` or ``horizon``.
+            Episodes reaching the cap are truncated (``terminated`` stays False).
+        info_keys: numeric ``info`` entries to record in :attr:`Episodes.infos`; None records every
+            numeric entry the env reports on its first step, ``()`` none.
+        start_method: ``multiprocessing`` start method for workers (default fork on Linux, else spawn).
+
+    Use as a context manager, or call :meth:`close`, to stop the workers.
+    """
+
+    def __init__(self, env: EnvSpec, env_kwargs: Optional[Mapping[str, Any]] = None, *, n_workers: int = 2,
+                 fast_path: Optional[bool] = None, max_episode_steps: Optional[int] = None,
+                 info_keys: Optional[Sequence[str]] = None, start_method: Optional[str] = None):
+        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 0:
+            raise ValueError(f"n_workers must be an int >= 0 (0 = in-process), got {n_workers!r}")
+        if not isinstance(env, str) and not callable(env):
+            raise TypeError(f"env must be a Gymnasium id or a factory returning a task env, got {type(env).__name__}")
+        self.env_id = _env_name(env)
+        self.n_workers = n_workers
+        self.start_method = start_method or _default_start_method()
+        self._env_fn = functools.partial(_make_env, env, dict(env_kwargs or {}))
+        self._backend = None
+        self._closed = False
+        self.fast_path = False
+
+        self._probe = probe = self._env_fn()
+        try:
+            self._setup(probe, fast_path, max_episode_steps, info_keys)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, probe, fast_path, max_episode_steps, info_keys) -> None:
+        """Spaces, episode cap, info keys and path, all learned from a private probe env."""
+        task_env = _find_task_env(probe)
+        if task_env is None:
+            raise TypeError(f"{self.env_id} is not a task env (no set_task in its wrapper chain); wrap it with "
+                            f"metarl.envs.TaskWrapper(env, sample_tasks_fn, set_task_fn)")
+        self._spaces(probe)
+        self.max_episode_steps = self._episode_cap(probe, max_episode_steps)
+
+        # One probe step learns which numeric infos the env reports (and their shapes).
+        probe.reset(seed=0)
+        step_out = probe.step(self._clip(np.zeros((1, self.act_dim)))[0])
+        spec = _numeric_info_spec(step_out[4] if len(step_out) == 5 else {})
+        if info_keys is not None:
+            unknown = [k for k in info_keys if k not in spec]
+            if unknown:
+                raise ValueError(f"{self.env_id} reports no numeric info {unknown}; choose from {sorted(spec)} or pass info_keys=None")
+            spec = {k: spec[k] for k in info_keys}
+        self.info_spec = spec
+        self.fast_path = self._choose_path(probe, task_env, fast_path)
+
+    # ----------------------------------------------------------- setup helpers
+    def _spaces(self, env) -> None:
+        from gymnasium import spaces
+
+        if not isinstance(env.action_space, spaces.Box):
+            raise TypeError(f"{self.env_id}: the collector needs a continuous (Box) action space, got "
+                            f"{type(env.action_space).__name__}")
+        obs_space = env.observation_space
+        if not isinstance(obs_space, spaces.Box) or len(obs_space.shape) != 1:
+            raise TypeError(f"{self.env_id}: the collector needs a flat Box observation space, got {obs_space}; wrap "
+                            f"the env with gymnasium.wrappers.FlattenObservation")
+        self.obs_shape = tuple(obs_space.shape)
+        self.obs_dim = int(obs_space.shape[0])
+        self.act_dim = int(np.prod(env.action_space.shape))
+        if env.action_space.shape != (self.act_dim,):
+            raise TypeError(f"{self.env_id}: the collector needs a flat action space, got shape {env.action_space.shape}")
+        self._act_low = np.asarray(env.action_space.low, dtype=np.float64)
+        self._act_high = np.asarray(env.action_space.high, dtype=np.float64)
+        self._act_dtype = env.action_space.dtype
+
+    def _episode_cap(self, env, requested: Optional[int]) -> int:
+        if requested is not None:
+            if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or requested < 1:
+                raise ValueError(f"max_episode_steps must be a positive int, got {requested!r}")
+            return int(requested)
+        candidates = [c for c in (mujoco_batch.time_limit(env), getattr(env.unwrapped, "horizon", None))
+                      if isinstance(c, (int, np.integer)) and c > 0]
+        if not candidates:
+            raise ValueError(f"{self.env_id} has neither a TimeLimit nor a horizon: pass Collector(..., max_episode_steps=N)")
+        return int(min(candidates))
+
+    def _choose_path(self, probe, task_env, requested: Optional[bool]) -> bool:
+        if requested is False:
+            return False
+        reason = mujoco_batch.fast_path_unsupported(probe)
+        if reason is None:
+            stepper = mujoco_batch.MujocoBatchStepper(probe, nthread=max(1, self.n_workers), env_name=self.env_id)
+            missing = [k for k in self.info_spec if k not in stepper.info_keys]
+            if missing:
+                reason = f"it cannot reproduce info {missing}"
+            else:
+                reason = mujoco_batch.self_check(probe, task_env.get_task())
+                if reason is not None:
+                    reason = f"self-check failed ({reason})"
+        if reason is None:
+            self._stepper = stepper
+            return True
+        if requested:
+            raise ValueError(f"{self.env_id} cannot use the MuJoCo fast path: {reason}; use Collector(..., fast_path=None)")
+        if mujoco_batch.fast_path_unsupported(probe) is None:  # supported in principle but wrong: say so
+            warnings.warn(f"{self.env_id}: MuJoCo fast path disabled, {reason}; using the generic path", RuntimeWarning,
+                          stacklevel=3)
+        return False
+
+    def _clip(self, actions: np.ndarray) -> np.ndarray:
+        return np.clip(actions, self._act_low, self._act_high).astype(self._act_dtype, copy=False)
+
+    def _get_backend(self):
+        if self._closed:
+            raise RuntimeError("this Collector is closed; create a new one")
+        if self._backend is None:
+            if self.fast_path:
+                self._backend = _FastPath(self._stepper)
+            elif self.n_workers == 0:
+                self._backend = _InProcess(self._env_fn, self.env_id, self.obs_shape, self.info_spec)
+            else:
+                self._backend = _WorkerPool(self.n_workers, self._env_fn, self.env_id, self.obs_shape, self.info_spec,
+                                            self.start_method)
+        return self._backend
+
+    # ---------------------------------------------------------------- params
+    @staticmethod
+    def _stacked_params(policy: nn.Module, params: Optional[Mapping[str, Tensor]], n_tasks: int) -> dict[str, Tensor]:
+        """Per-task params [T, ...], detached: θ-shaped entries are expanded, stacked ones checked."""
+        own = {name: p for name, p in policy.named_parameters()}
+        given = dict(params) if params is not None else {}
+        unknown = [k for k in given if k not in own]
+        if unknown:
+            raise KeyError(f"params has names the policy does not: {unknown[:3]}; build params with metarl.functional.params_of(policy)")
+        out = {}
+        for name, ref in own.items():
+            p = given.get(name, ref).detach()
+            if tuple(p.shape) == tuple(ref.shape):
+                p = p.unsqueeze(0).expand(n_tasks, *ref.shape)
+            elif tuple(p.shape) != (n_tasks, *ref.shape):
+                raise ValueError(f"params[{name!r}] has shape {tuple(p.shape)}; expected {tuple(ref.shape)} (θ) or "
+                                 f"{(n_tasks, *ref.shape)} (stacked for the {n_tasks} tasks): stack with metarl.functional.stack")
+            out[name] = p
+        return out
+
+    @staticmethod
+    def _distribution_fns(policy):
+        from metarl.policies import gaussian
+
+        sample = getattr(policy, "sample", None)
+        log_prob = getattr(policy, "log_prob", None)
+        if not (callable(sample) and callable(log_prob)):
+            sample, log_prob = gaussian.sample, gaussian.log_prob
+        return sample, log_prob
+
+    # --------------------------------------------------------------- collect
+    def collect(self, policy: nn.Module, params: Optional[Mapping[str, Tensor]], tasks: Sequence[Mapping[str, Any]],
+                episodes_per_task: int, seed: Optional[int] = None,
+                generator: Optional[torch.Generator] = None) -> Episodes:
+        """Run ``episodes_per_task`` episodes for every task with its own parameters.
+
+        Args:
+            policy: the policy module (``policy.forward_tasks(params, obs [T, B, obs_dim])`` →
+                ``(mean, log_std)``, as :class:`policies.gaussian.GaussianMLPPolicy`).
+            params: θ (name → tensor, the policy's shapes), stacked per-task params (leading axis
+                ``len(tasks)``), or None for the policy's own parameters. Names left out use the
+                policy's own values. Detached: collection never builds a graph.
+            tasks: T task dicts (``env.sample_tasks(T, rng)``).
+            episodes_per_task: B.
+            seed: makes the collection reproducible (env resets and action noise). If None, a seed is
+                drawn from ``generator`` when given, else from the OS; it is stored in ``Episodes.seed``.
+            generator: action-noise generator to use instead of one seeded from ``seed``.
+        """
+        tasks = [dict(t) for t in tasks]
+        n_tasks, n_eps = len(tasks), episodes_per_task
+        if n_tasks == 0:
+            raise ValueError("collect needs at least one task: pass env.sample_tasks(T, rng)")
+        if isinstance(n_eps, bool) or not isinstance(n_eps, (int, np.integer)) or n_eps < 1:
+            raise ValueError(f"episodes_per_task must be a positive int, got {n_eps!r}")
+        if seed is None:
+            if generator is not None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            else:
+                seed = secrets.randbits(62)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        seed = int(seed)
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed)
+        stacked = self._stacked_params(policy, params, n_tasks)
+        dtype = next(iter(stacked.values())).dtype
+        sample, log_prob = self._distribution_fns(policy)
+
+        n = n_tasks * n_eps
+        slot_tasks = [tasks[k // n_eps] for k in range(n)]
+        seeds = episode_seeds(seed, n_tasks, n_eps).reshape(-1)
+        backend = self._get_backend()
+        cap, d, a_dim = self.max_episode_steps, self.obs_dim, self.act_dim
+
+        obs_now = backend.reset(slot_tasks, seeds, n_eps)
+        obs_buf = np.zeros((cap, n, d))
+        rew_buf = np.zeros((cap, n))
+        mask_buf = np.zeros((cap, n), dtype=bool)
+        term_buf = np.zeros((cap, n), dtype=bool)
+        info_buf = {k: np.zeros((cap, n, *shape)) for k, shape in self.info_spec.items()}
+        act_buf = torch.zeros(cap, n, a_dim, dtype=dtype)
+        logp_buf = torch.zeros(cap, n, dtype=dtype)
+        last_obs = np.zeros((n, d))
+        lengths = np.zeros(n, dtype=np.int64)
+        active = np.ones(n, dtype=bool)
+
+        t = 0
+        with torch.no_grad():
+            while active.any() and t < cap:
+                obs_buf[t, active] = obs_now[active]
+                x = torch.as_tensor(obs_now, dtype=dtype).reshape(n_tasks, n_eps, d)
+                mean, log_std = forward_tasks(policy, stacked, x)
+                actions = sample(mean, log_std, generator)
+                logp = log_prob(mean, log_std, actions)
+                actions = actions.reshape(n, a_dim)
+                keep = torch.from_numpy(active)
+                act_buf[t] = torch.where(keep[:, None], actions, torch.zeros((), dtype=dtype))
+                logp_buf[t] = torch.where(keep, logp.reshape(n), torch.zeros((), dtype=dtype))
+
+                env_actions = self._clip(actions.to(torch.float64).numpy())
+                nxt, reward, terminated, truncated, infos = backend.step(env_actions, active)
+
+                mask_buf[t] = active
+                rew_buf[t, active] = reward[active]
+                term_buf[t] = terminated & active
+                for k, buf in info_buf.items():
+                    if k in infos:
+                        buf[t, active] = infos[k][active]
+                    else:
+                        buf[t, active] = np.nan
+                lengths[active] += 1
+                t += 1
+                done = active & (terminated | truncated | (t >= cap))
+                last_obs[done] = nxt[done]
+                obs_now[active] = nxt[active]
+                active &= ~done
+
+        return self._episodes(obs_buf, act_buf, rew_buf, mask_buf, term_buf, logp_buf, info_buf, last_obs, lengths,
+                              t, n_tasks, n_eps, dtype, tasks, seed)
+
+    def _episodes(self, obs_buf, act_buf, rew_buf, mask_buf, term_buf, logp_buf, info_buf, last_obs, lengths, t_max,
+                  n_tasks, n_eps, dtype, tasks, seed) -> Episodes:
+        def task_major(x: Tensor) -> Tensor:
+            # [Tmax, T*B, ...] (time-major, as filled) → [T, Tmax, B, ...]
+            x = x[:t_max]
+            return x.reshape(t_max, n_tasks, n_eps, *x.shape[2:]).movedim(1, 0).contiguous()
+
+        def arr(x: np.ndarray, dt=dtype) -> Tensor:
+            return task_major(torch.from_numpy(x).to(dt))
+
+        returns = torch.from_numpy(rew_buf[:t_max].sum(0)).to(dtype).reshape(n_tasks, n_eps)
+        return Episodes(
+            obs=arr(obs_buf),
+            actions=task_major(act_buf),
+            rewards=arr(rew_buf),
+            mask=arr(mask_buf),
+            terminated=arr(term_buf, torch.bool),
+            log_probs=task_major(logp_buf),
+            returns=returns,
+            lengths=torch.from_numpy(lengths).reshape(n_tasks, n_eps),
+            last_obs=torch.from_numpy(last_obs).to(dtype).reshape(n_tasks, n_eps, -1),
+            infos={k: arr(v) for k, v in info_buf.items()},
+            tasks=tasks,
+            seed=seed,
+            env_id=self.env_id,
+        )
+
+    # -------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Stop the workers and close every env. Idempotent; the collector is unusable afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+        probe = getattr(self, "_probe", None)
+        if probe is not None:
+            try:
+                probe.close()
+            except Exception:
+                pass
+
+    def __enter__(self) -> "Collector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        path = "mujoco-batch" if getattr(self, "fast_path", False) else "generic"
+        return f"Collector({self.env_id!r}, path={path}, n_workers={self.n_workers}, max_episode_steps={self.max_episode_steps})"

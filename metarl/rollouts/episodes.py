@@ -1,0 +1,150 @@
+"""A meta-batch of episodes as padded tensors with a leading task axis.
+
+MAML-RL (Finn et al. 2017, sec. 5.3) adapts every task of a meta-batch with one batched
+REINFORCE step and evaluates the adapted policies with one batched TRPO surrogate. Both are
+vectorised over tasks (:mod:`metarl.objectives`, :mod:`metarl.advantages`), so the data they eat
+is laid out the same way: ``[T, Tmax, B, ...]`` = task, time, episode. Episodes that end early
+(termination) are padded after their last step; ``mask`` marks the valid steps, which always
+form a prefix of the time axis. Padded entries are zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["Episodes"]
+
+# per-step fields [T, Tmax, B, ...] and per-episode fields [T, B, ...]
+_STEP_FIELDS = ("obs", "actions", "rewards", "mask", "terminated", "log_probs")
+_EPISODE_FIELDS = ("returns", "lengths", "last_obs")
+
+
+@dataclass
+class Episodes:
+    """Episodes of ``T`` tasks × ``B`` episodes each, padded to ``Tmax`` steps.
+
+    Attributes (T tasks, Tmax steps, B episodes per task):
+        obs: ``[T, Tmax, B, obs_dim]``, the observation the action was taken in (s_t).
+        actions: ``[T, Tmax, B, act_dim]``, the action *as sampled* from the policy, before any
+            clipping to the env's action space: its log-probability is what the policy gradient
+            differentiates, and a clipped action would have a different (often -inf) density.
+        rewards: ``[T, Tmax, B]``, r_t returned by the env for (s_t, a_t).
+        mask: ``[T, Tmax, B]`` float, 1 on every step the episode was running, including its last
+            (terminal or truncated) step, 0 on padding.
+        terminated: ``[T, Tmax, B]`` bool, True only on a step where the env signalled a true
+            termination (the MDP ended). False on a time-limit truncation, so that advantage
+            estimators that bootstrap can tell "no future" from "future cut off".
+        log_probs: ``[T, Tmax, B]``, log π_behaviour(a_t | s_t) at collection time, detached
+            (the importance-sampling denominator of TRPO/PPO surrogates).
+        returns: ``[T, B]``, undiscounted sum of rewards per episode (summed in float64).
+        lengths: ``[T, B]`` int64, number of valid steps per episode.
+        last_obs: ``[T, B, obs_dim]``, the observation after each episode's last step (s_{len}),
+            needed to bootstrap a truncated episode with a value function.
+        infos: optional per-step extras reported by the env, each ``[T, Tmax, B]`` or
+            ``[T, Tmax, B, k]`` (e.g. ``forward_velocity`` for velocity plots, ``position`` for
+            navigation trajectory plots); NaN where the env did not report the key, 0 on padding.
+        tasks: the T task dicts, in order.
+        seed: the seed the collection was derived from (None if unknown), so a batch can be
+            re-collected exactly.
+        env_id: which env produced the data (for messages and logs).
+    """
+
+    obs: Tensor
+    actions: Tensor
+    rewards: Tensor
+    mask: Tensor
+    terminated: Tensor
+    log_probs: Tensor
+    returns: Tensor
+    lengths: Tensor
+    last_obs: Optional[Tensor] = None
+    infos: dict[str, Tensor] = field(default_factory=dict)
+    tasks: list[dict] = field(default_factory=list)
+    seed: Optional[int] = None
+    env_id: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.obs.dim() != 4:
+            raise ValueError(f"Episodes.obs must be [T, Tmax, B, obs_dim], got shape {tuple(self.obs.shape)}: "
+                             f"add the task axis (obs[None]) for a single task")
+        lead = tuple(self.obs.shape[:3])
+        for name in _STEP_FIELDS[1:]:
+            shape = tuple(getattr(self, name).shape)
+            if shape[:3] != lead:
+                raise ValueError(f"Episodes.{name} has shape {shape}, expected leading [T, Tmax, B] = {lead}: "
+                                 f"pad every per-step field to the same length")
+        for name in ("returns", "lengths"):
+            shape = tuple(getattr(self, name).shape)
+            if shape != (lead[0], lead[2]):
+                raise ValueError(f"Episodes.{name} has shape {shape}, expected [T, B] = {(lead[0], lead[2])}")
+        for name, value in self.infos.items():
+            if tuple(value.shape[:3]) != lead:
+                raise ValueError(f"Episodes.infos[{name!r}] has shape {tuple(value.shape)}, expected leading [T, Tmax, B] = {lead}")
+        if self.tasks and len(self.tasks) != lead[0]:
+            raise ValueError(f"Episodes has {lead[0]} tasks of data but {len(self.tasks)} task dicts: pass one dict per task")
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_tasks(self) -> int:
+        """T, the number of tasks (leading axis)."""
+        return int(self.obs.shape[0])
+
+    @property
+    def episodes_per_task(self) -> int:
+        """B, the number of episodes collected per task."""
+        return int(self.obs.shape[2])
+
+    @property
+    def max_length(self) -> int:
+        """Tmax, the padded time-axis length (the longest episode)."""
+        return int(self.obs.shape[1])
+
+    @property
+    def n_steps(self) -> int:
+        """Total number of valid env steps in the batch (what a sampler's throughput counts)."""
+        return int(self.lengths.sum())
+
+    # -------------------------------------------------------------- selection
+    def task(self, i: int) -> "Episodes":
+        """The episodes of task ``i`` as an :class:`Episodes` with ``n_tasks == 1``.
+
+        The task axis is kept (size 1) so every consumer of :class:`Episodes`, including the
+        vectorised losses, works on a single task unchanged; ``ep.task(i).rewards[0]`` is the
+        plain ``[Tmax, B]`` view. Tensors are views, not copies."""
+        if not -self.n_tasks <= i < self.n_tasks:
+            raise IndexError(f"task index {i} out of range for {self.n_tasks} tasks")
+        i = i % self.n_tasks
+        sl = slice(i, i + 1)
+        kwargs: dict[str, Any] = {name: getattr(self, name)[sl] for name in _STEP_FIELDS + ("returns", "lengths")}
+        kwargs["last_obs"] = None if self.last_obs is None else self.last_obs[sl]
+        kwargs["infos"] = {k: v[sl] for k, v in self.infos.items()}
+        kwargs["tasks"] = [self.tasks[i]] if self.tasks else []
+        return replace(self, **kwargs)
+
+    def to(self, *args, **kwargs) -> "Episodes":
+        """Move / cast every tensor (``Tensor.to`` semantics); integer and bool fields keep their
+        dtype when a floating dtype is given, so ``lengths`` and ``terminated`` stay usable."""
+        def move(t: Optional[Tensor]) -> Optional[Tensor]:
+            if t is None:
+                return None
+            if t.is_floating_point():
+                return t.to(*args, **kwargs)
+            dtype_free = [a for a in args if not isinstance(a, torch.dtype)]
+            kw = {k: v for k, v in kwargs.items() if k != "dtype"}
+            return t.to(*dtype_free, **kw)
+
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                out[f.name] = move(value)
+        out["infos"] = {k: move(v) for k, v in self.infos.items()}
+        return replace(self, **out)
+
+    def __repr__(self) -> str:  # the default dataclass repr would print every tensor
+        return (f"Episodes(env={self.env_id!r}, tasks={self.n_tasks}, episodes_per_task={self.episodes_per_task}, "
+                f"max_length={self.max_length}, steps={self.n_steps}, obs_dim={self.obs.shape[-1]}, "
+                f"act_dim={self.actions.shape[-1]}, infos={sorted(self.infos)})")
