@@ -31,8 +31,13 @@ def cmd_train(args) -> int:
 
     cfg = configlib.load(args.config, args.set + ([f"data.dir={args.data_dir}"] if args.data_dir else []))
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-    train(cfg, run_dir, resume=args.resume)
+    track = train(cfg, run_dir, resume=args.resume)
     print(f"trained {cfg.iterations} iterations: {run_dir}")
+    try:
+        for kind in track.after_training():
+            print(f"trained baseline {kind}: {run_dir / 'baselines'}")
+    finally:
+        track.close()
     if args.evaluate:
         return cmd_evaluate(argparse.Namespace(run_dir=str(run_dir), tasks=None, steps=None, seed=None, set=[]))
     return 0
@@ -63,6 +68,20 @@ def cmd_evaluate(args) -> int:
         cells = "  ".join(f"{m:.4g}±{c:.2g}" for m, c in zip(d["mean"], d["ci95"]))
         print(f"  {name:>9}: {cells}")
     print(f"wrote {Path(args.run_dir) / 'eval' / 'adaptation.json'}")
+    return 0
+
+
+def cmd_baselines(args) -> int:
+    from .training import load_track
+
+    track, cfg, _ = load_track(args.run_dir)
+    try:
+        if not hasattr(track, "train_baselines"):
+            raise SystemExit(f"metarl: error: track '{cfg.track}' trains its baselines inside `metarl train`")
+        done = track.train_baselines(args.methods, args.timesteps, overwrite=args.overwrite)
+    finally:
+        track.close()
+    print(f"trained {', '.join(done) or 'nothing (all present; --overwrite to retrain)'} in {Path(args.run_dir) / 'baselines'}")
     return 0
 
 
@@ -99,6 +118,12 @@ def parser() -> argparse.ArgumentParser:
                    help="evaluation-time override, e.g. --set sine_eval.k_shot=5")
     e.add_argument("--data-dir", help="dataset folder for image tracks (as in train)")
     e.set_defaults(fn=cmd_evaluate)
+    b = sub.add_parser("baselines", help="meta-RL: train the PPO pretrain/oracle baselines of a run")
+    b.add_argument("run_dir")
+    b.add_argument("--methods", nargs="+", choices=["pretrain", "oracle"], default=["pretrain", "oracle"])
+    b.add_argument("--timesteps", type=int, help="PPO environment steps (default: config ppo_baselines.timesteps)")
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(fn=cmd_baselines)
     pl = sub.add_parser("plot", help="overlay the adaptation curves of several evaluated runs")
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("--out", default="adaptation_overlay.png")

@@ -86,12 +86,15 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
         raise RunDirError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir")
     rng = seed_everything(cfg.seed)
     track = make_track(cfg)
+    track.run_dir = run_dir
     start = 0
     if resume:
         state = checkpoint.load(run_dir)
         saved = dict(state["config"])
         now = configlib.to_dict(cfg)
-        changed = [k for k in now if k not in ("iterations", "checkpoint_every", "log_every", "eval") and now[k] != saved.get(k)]
+        # keys the saved config lacks come from a newer metarl: they keep their defaults
+        changed = [k for k in now if k in saved and k not in ("iterations", "checkpoint_every", "log_every", "eval")
+                   and now[k] != saved[k]]
         if changed:
             raise RunDirError(f"--resume with a different config ({', '.join(changed)} changed): only iterations, "
                               f"checkpoint_every, log_every and eval may change; use a new --run-dir otherwise")
@@ -118,12 +121,15 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
                     raise KeyboardInterrupt(f"stopped by signal {stop.signal} after iteration {done}; "
                                             f"checkpoint saved: continue with --resume")
     except FloatingPointError as e:
+        track.close()
         where = f"last good checkpoint: iteration {last_saved} in {run_dir}" if last_saved else "no checkpoint was saved yet"
         raise NonFiniteLoss(f"{e} ({where})") from None
+    except BaseException:
+        track.close()
+        raise
     finally:
         logger.close()
-        track.close()
-    return track
+    return track  # the caller closes it (it may still evaluate with its workers)
 
 
 def load_track(run_dir: str | Path, overrides: list[str] | None = None):
@@ -135,6 +141,7 @@ def load_track(run_dir: str | Path, overrides: list[str] | None = None):
     cfg = configlib.from_dict(configlib.merge(state["config"], configlib.parse_overrides(overrides or [])))
     track = make_track(cfg)
     track.load_state_dict(state["track"])
+    track.run_dir = Path(run_dir)
     return track, cfg, int(state["iteration"])
 
 

@@ -47,6 +47,7 @@ class Track:
         self.cfg = cfg
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict = {}
+        self.run_dir = None
 
     def state_dict(self) -> dict:
         return {"modules": {k: m.state_dict() for k, m in self.modules.items()},
@@ -60,6 +61,10 @@ class Track:
 
     def train_step(self, iteration: int, rng: np.random.Generator) -> dict[str, float]:
         raise NotImplementedError
+
+    def after_training(self) -> list[str]:
+        """Work that follows meta-training (e.g. PPO baselines in meta-RL); returns what it did."""
+        return []
 
     def close(self) -> None:
         """Release workers or files (called when training or evaluation ends)."""

@@ -4,7 +4,13 @@ Finn et al. 2017 sec. 5.3. The env is any :class:`metarl.envs.TaskEnv` registere
 (``env.id``), so a user's own env plugs in through ``metarl.envs.TaskWrapper`` plus
 ``gymnasium.register``. Methods on the adaptation curve:
 - **maml**: the meta-trained policy, adapted with ``inner.eval_steps`` REINFORCE steps;
-- **random**: a randomly initialised policy adapted the same way (its init is fixed by the seed).
+- **random**: a randomly initialised policy adapted the same way (its init is fixed by the seed);
+- **pretrain**: one policy trained with PPO on the whole task mixture (stable-baselines3, same
+  network shape), converted into the project's policy and adapted the same way;
+- **oracle**: a PPO policy that sees the task parameters; not adapted (flat on the curve).
+pretrain and oracle are trained by ``metarl baselines RUN_DIR`` (or at the end of ``metarl train``
+when ``ppo_baselines.methods`` lists them) into ``RUN_DIR/baselines/{pretrain,oracle}.zip``;
+evaluation includes those that exist.
 """
 from __future__ import annotations
 
@@ -48,6 +54,14 @@ class RLEvalConfig(EvalConfig):
     steps: int = 3
 
 
+@dataclass
+class PPOBaselineConfig:
+    methods: list[Literal["pretrain", "oracle"]] = field(default_factory=list)
+    """Which PPO baselines ``metarl train`` trains after meta-training (``metarl baselines`` trains any)."""
+    timesteps: int = 1_000_000
+    """Environment steps of PPO training per baseline."""
+
+
 @register_track("rl")
 @dataclass
 class RLConfig(RunConfig):
@@ -63,6 +77,7 @@ class RLConfig(RunConfig):
     outer: RLOuterConfig = field(default_factory=RLOuterConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     baselines: list[Literal["random"]] = field(default_factory=lambda: ["random"])
+    ppo_baselines: PPOBaselineConfig = field(default_factory=PPOBaselineConfig)
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
 
     def validate(self):
@@ -97,6 +112,34 @@ class RLTrack(Track):
         if cfg.outer.optimizer == "vpg":
             self.optimizers["maml"] = torch.optim.Adam(self.policy.parameters(), lr=cfg.outer.lr)
         self.collector = Collector(cfg.env.id, env_kwargs=cfg.env.kwargs, n_workers=cfg.sampler.workers)
+        self.run_dir = None  # set by metarl.training when a run directory is known
+        self._new_policy = mk
+
+    # ---- PPO baselines ------------------------------------------------------------------------
+    def baseline_path(self, kind: str):
+        from pathlib import Path
+        return Path(self.run_dir) / "baselines" / f"{kind}.zip"
+
+    def train_baselines(self, methods=None, timesteps=None, overwrite=False) -> list[str]:
+        """Train the PPO pretrain/oracle baselines into RUN_DIR/baselines (skips existing ones)."""
+        from .. import rl_baselines as rb
+
+        cfg = self.cfg
+        done = []
+        for kind in methods if methods is not None else cfg.ppo_baselines.methods:
+            path = self.baseline_path(kind)
+            if path.exists() and not overwrite:
+                continue
+            train = rb.train_pretrain if kind == "pretrain" else rb.train_oracle
+            model = train(cfg.env.id, cfg.env.kwargs, timesteps=timesteps or cfg.ppo_baselines.timesteps,
+                          hidden=tuple(cfg.policy.hidden), activation=cfg.policy.activation, seed=cfg.seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rb.save_baseline(model, path)
+            done.append(kind)
+        return done
+
+    def after_training(self) -> list[str]:
+        return self.train_baselines()
 
     def close(self):
         self.collector.close()
@@ -119,6 +162,17 @@ class RLTrack(Track):
                                       cfg.inner.eval_episodes or cfg.inner.episodes, cfg.advantages, steps, lr, seed)
             curves[name] = np.stack([eps.returns.mean(-1).numpy() for eps, _ in data], axis=1)
             data_by_method[name] = data
+        if self.run_dir is not None and self.baseline_path("pretrain").exists():
+            from .. import rl_baselines as rb
+            policy = rb.ppo_to_gaussian_policy(rb.load_baseline(self.baseline_path("pretrain")), self._new_policy())
+            data, _ = collect_adapted(policy, self.collector, params_of(policy), tasks,
+                                      cfg.inner.eval_episodes or cfg.inner.episodes, cfg.advantages, steps, lr, seed)
+            curves["pretrain"] = np.stack([eps.returns.mean(-1).numpy() for eps, _ in data], axis=1)
+        if self.run_dir is not None and self.baseline_path("oracle").exists():
+            from .. import rl_baselines as rb
+            ret = rb.oracle_returns(rb.load_baseline(self.baseline_path("oracle")), cfg.env.id, cfg.env.kwargs, tasks,
+                                    episodes=cfg.inner.eval_episodes or cfg.inner.episodes, seed=seed, clip_actions=False)
+            curves["oracle"] = np.repeat(np.asarray(ret)[:, None], steps + 1, axis=1)
         result = EvalResult("return", True, curves)
         if "Navigation2D" in cfg.env.id:
             result.figures["trajectories.png"] = lambda path: _nav_plot(path, tasks, data_by_method["maml"])
