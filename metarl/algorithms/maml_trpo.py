@@ -13,6 +13,7 @@ composes them.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -92,25 +93,31 @@ def adapt_on(policy, params: Params, batches, lr, first_order: bool = False) -> 
 
 def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_cfg: AdvantageConfig,
                     steps: int, lr: float, seed: int):
-    """Episodes before and after each of ``steps`` inner steps: ([(episodes, adv) per step], φ detached).
+    """Episodes before and after each of ``steps`` inner steps.
 
-    The returned list has steps + 1 entries: the data at θ, φ1, ..., φ_steps."""
+    Returns ([(episodes, advantages) at θ, φ1, ..., φ_steps], the last φ detached, seconds spent
+    sampling and adapting)."""
     params = stack({k: v.detach() for k, v in theta.items()}, len(tasks))
     out = []
+    timing = {"sample": 0.0, "adapt": 0.0}
     for s in range(steps + 1):
+        t0 = time.perf_counter()
         eps = collector.collect(policy, params, tasks, episodes, seed=seed * 1000 + s)
+        t1 = time.perf_counter()
         adv = advantages(eps, adv_cfg)
         out.append((eps, adv))
         if s < steps:
             params = inner_step(inner_loss(policy, eps, adv), params, lr)
-    return out, params
+        timing["sample"] += t1 - t0
+        timing["adapt"] += time.perf_counter() - t1
+    return out, params, timing
 
 
 def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: AdvantageConfig, outer: RLOuterConfig,
                 seed: int, optimizer=None) -> dict[str, float]:
     """One meta-iteration: sample, adapt, sample again, outer step on θ. Returns diagnostics."""
     theta = {k: p for k, p in policy.named_parameters()}
-    data, phi_old = collect_adapted(policy, collector, theta, tasks, inner.episodes, adv_cfg, inner.steps, inner.lr, seed)
+    data, phi_old, timing = collect_adapted(policy, collector, theta, tasks, inner.episodes, adv_cfg, inner.steps, inner.lr, seed)
     train, (valid, valid_adv) = data[:-1], data[-1]
     with torch.no_grad():
         old_mean, old_log_std = policy.forward_tasks(phi_old, valid.obs)
@@ -128,6 +135,8 @@ def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: Advanta
         return gaussian_kl(old_mean, old_log_std, mean, log_std, valid.mask).mean()
 
     metrics = {"return/pre": data[0][0].returns.mean().item(), "return/post": valid.returns.mean().item()}
+    metrics.update({f"time/{k}": v for k, v in timing.items()})
+    t_outer = time.perf_counter()
     if outer.optimizer == "trpo":
         info = trpo_step(theta, surrogate, kl, max_kl=outer.max_kl, cg_iters=outer.cg_iters,
                          damping=outer.cg_damping, ls_ratio=outer.ls_ratio, ls_steps=outer.ls_steps)
@@ -140,5 +149,6 @@ def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: Advanta
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    metrics["time/outer"] = time.perf_counter() - t_outer
     metrics["policy/std"] = theta["log_std"].detach().exp().mean().item()
     return metrics

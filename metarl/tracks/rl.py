@@ -158,14 +158,14 @@ class RLTrack(Track):
         lr = cfg.inner.eval_lr if cfg.inner.eval_lr is not None else cfg.inner.lr
         curves, data_by_method = {}, {}
         for name, policy in self.modules.items():
-            data, _ = collect_adapted(policy, self.collector, params_of(policy), tasks,
+            data, _, _ = collect_adapted(policy, self.collector, params_of(policy), tasks,
                                       cfg.inner.eval_episodes or cfg.inner.episodes, cfg.advantages, steps, lr, seed)
             curves[name] = np.stack([eps.returns.mean(-1).numpy() for eps, _ in data], axis=1)
             data_by_method[name] = data
         if self.run_dir is not None and self.baseline_path("pretrain").exists():
             from .. import rl_baselines as rb
             policy = rb.ppo_to_gaussian_policy(rb.load_baseline(self.baseline_path("pretrain")), self._new_policy())
-            data, _ = collect_adapted(policy, self.collector, params_of(policy), tasks,
+            data, _, _ = collect_adapted(policy, self.collector, params_of(policy), tasks,
                                       cfg.inner.eval_episodes or cfg.inner.episodes, cfg.advantages, steps, lr, seed)
             curves["pretrain"] = np.stack([eps.returns.mean(-1).numpy() for eps, _ in data], axis=1)
         if self.run_dir is not None and self.baseline_path("oracle").exists():
