@@ -11,6 +11,7 @@ without Gymnasium's ``TimeLimit``).
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any
 
 import gymnasium as gym
@@ -43,6 +44,20 @@ def _known_task_ids() -> list[str]:
     return sorted(k for k in gym.registry if k.startswith(_NAMESPACE + "/"))
 
 
+def import_env_module(env_id: str) -> str:
+    """Gymnasium's ``"module:Env-id"`` convention: import ``module`` (which registers the id) and
+    return the bare id, so a user's env registered in their own module works in config files and
+    in collector worker processes alike."""
+    if ":" not in env_id:
+        return env_id
+    module, _, bare = env_id.partition(":")
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"cannot import {module!r} for env {env_id!r} ({e}): check the module path and PYTHONPATH") from None
+    return bare
+
+
 def make_task_env(env_id: str, **kwargs: Any) -> gym.Env:
     """``gymnasium.make`` for metarl task envs, with a helpful error for unknown ids.
 
@@ -58,6 +73,7 @@ def make_task_env(env_id: str, **kwargs: Any) -> gym.Env:
     register_task_envs()
     if not isinstance(env_id, str):
         raise ValueError(f"env_id must be a string such as 'metarl/AntVel-v0', got {env_id!r}")
+    env_id = import_env_module(env_id)
     known = _known_task_ids()
     if env_id not in gym.registry and f"{_NAMESPACE}/{env_id}" in gym.registry:
         env_id = f"{_NAMESPACE}/{env_id}"

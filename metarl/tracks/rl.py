@@ -82,10 +82,15 @@ class RLConfig(RunConfig):
 
     def validate(self):
         super().validate()
-        from metarl.envs import TASK_ENV_IDS  # noqa: F401  (registers the built-in ids)
-        import gymnasium as gym
         import difflib
-        if self.env.id not in gym.registry:
+
+        import gymnasium as gym
+        from metarl.envs.registration import import_env_module  # importing metarl.envs registers the built-ins
+        try:
+            bare = import_env_module(self.env.id)
+        except ValueError as e:
+            raise ConfigError(f"env.id: {e}") from None
+        if bare not in gym.registry:
             near = difflib.get_close_matches(self.env.id, [k for k in gym.registry if "/" in k], n=3)
             raise ConfigError(f"unknown env.id '{self.env.id}'" + (f": did you mean {', '.join(near)}?" if near else
                               ": register it with gymnasium.register (see README, 'Your own environment')"))
@@ -96,12 +101,12 @@ class RLConfig(RunConfig):
 class RLTrack(Track):
     def __init__(self, cfg: RLConfig):
         super().__init__(cfg)
-        from metarl.envs import make_task_env
+        from metarl.envs import find_task_env, make_task_env
         from metarl.policies.gaussian import GaussianMLPPolicy
         from ..rollouts import Collector
 
         probe = make_task_env(cfg.env.id, **cfg.env.kwargs)
-        self.task_env = probe.unwrapped
+        self.task_env = find_task_env(probe)  # the TaskEnv may be a wrapper (TaskWrapper), not .unwrapped
         obs_dim = int(np.prod(probe.observation_space.shape))
         act_dim = int(np.prod(probe.action_space.shape))
         mk = lambda: GaussianMLPPolicy(obs_dim, act_dim, cfg.policy.hidden, cfg.policy.activation, cfg.policy.init_std)
