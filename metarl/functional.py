@@ -45,10 +45,11 @@ def forward_tasks(module: nn.Module, params: Mapping[str, Tensor], x: Tensor) ->
     """Per-task forward: ``params`` carry a leading task axis [T, ...], ``x`` is [T, N, ...].
 
     A model may implement ``forward_tasks(params, x)`` natively (batched matmuls for MLPs,
-    grouped convolutions for conv nets), which is faster than ``vmap`` on the CPU and avoids
-    ``vmap`` through ``batch_norm``, whose second-order gradient is wrong on torch 2.13 (see
-    tests/test_conv_meta_gradient.py). Otherwise it falls back to ``vmap`` over
-    ``functional_call``.
+    grouped convolutions for conv nets), which is faster than ``vmap`` on the CPU. Otherwise it
+    falls back to ``vmap`` over ``functional_call`` for the forward pass only; gradients are
+    taken outside by autograd. That split matters: ``vmap`` over ``torch.func.grad`` through
+    ``batch_norm`` gives a wrong second-order meta-gradient on torch 2.13, while a vmapped
+    forward differentiated by autograd is exact (tests/test_conv_meta_gradient.py checks both).
     """
     native = getattr(module, "forward_tasks", None)
     if native is not None:
