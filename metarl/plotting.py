@@ -76,3 +76,28 @@ def navigation_trajectories(path: str | Path, tasks: list[dict], obs_by_step: li
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def velocity_traces(path: str | Path, tasks: list[dict], velocity_by_step: list, mask_by_step: list,
+                    n_show: int = 4) -> None:
+    """Locomotion: forward velocity over an episode (mean over episodes) before and after each
+    inner step, with the task's target velocity or direction (HalfCheetahVel/Dir, AntVel/Dir)."""
+    n = min(n_show, len(tasks))
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.0), squeeze=False, sharey=True)
+    for i, ax in enumerate(axes[0]):
+        for s, (vel, mask) in enumerate(zip(velocity_by_step, mask_by_step)):
+            v, m = np.asarray(vel[i], dtype=float), np.asarray(mask[i], dtype=float)
+            mean = (v * m).sum(-1) / np.maximum(m.sum(-1), 1)
+            ax.plot(mean[m.sum(-1) > 0], lw=1.2, label="pre-update" if s == 0 else f"{s} step{'s' if s > 1 else ''}")
+        task = tasks[i]
+        if "velocity" in task:
+            ax.axhline(task["velocity"], color="red", ls="--", label="target")
+            ax.set_title(f"target velocity {task['velocity']:.2f}")
+        elif "direction" in task:
+            ax.set_title(f"direction {task['direction']:+.0f}")
+        ax.set_xlabel("time step")
+    axes[0][0].set_ylabel("forward velocity")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

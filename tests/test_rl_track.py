@@ -59,10 +59,31 @@ def test_cli_evaluate_writes_return_contract(tmp_path):
                         "--set", "inner.eval_episodes=4", "--set", "sampler.workers=2"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
+    p = subprocess.run([sys.executable, "-m", "metarl.cli", "baselines", str(rd), "--timesteps", "2048"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (rd / "baselines" / "pretrain.zip").exists() and (rd / "baselines" / "oracle.zip").exists()
     p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks", "4", "--steps", "2"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     data = json.loads((rd / "eval" / "adaptation.json").read_text())
     assert data["metric"] == "return" and data["higher_is_better"] is True and data["steps"] == [0, 1, 2]
-    assert set(data["methods"]) == {"maml", "random"}
+    assert set(data["methods"]) == {"maml", "random", "pretrain", "oracle"}
+    oracle = data["methods"]["oracle"]["mean"]
+    assert oracle[0] == oracle[1] == oracle[2]          # the oracle is not adapted
+    pre = data["methods"]["pretrain"]["mean"]
+    assert pre[0] != pre[1]                              # the converted PPO policy is adapted by the inner loop
     assert (rd / "eval" / "trajectories.png").stat().st_size > 0
+
+
+def test_locomotion_evaluation_draws_velocity_traces(tmp_path):
+    cfg = config.load("experiments/halfcheetah_vel.yaml", ["iterations=1", "meta_batch=2", "inner.episodes=2",
+                                                           "sampler.workers=0", "env.kwargs={horizon: 20}"])
+    track = train(cfg, tmp_path, tensorboard=False)
+    try:
+        res = track.evaluate(3, 1, seed=0)
+        assert res.curves["maml"].shape == (3, 2)
+        res.figures["velocity.png"](tmp_path / "v.png")
+    finally:
+        track.close()
+    assert (tmp_path / "v.png").stat().st_size > 0

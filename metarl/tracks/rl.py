@@ -179,9 +179,18 @@ class RLTrack(Track):
                                     episodes=cfg.inner.eval_episodes or cfg.inner.episodes, seed=seed, clip_actions=False)
             curves["oracle"] = np.repeat(np.asarray(ret)[:, None], steps + 1, axis=1)
         result = EvalResult("return", True, curves)
+        maml_data = data_by_method["maml"]
         if "Navigation2D" in cfg.env.id:
-            result.figures["trajectories.png"] = lambda path: _nav_plot(path, tasks, data_by_method["maml"])
+            result.figures["trajectories.png"] = lambda path: _nav_plot(path, tasks, maml_data)
+        if "forward_velocity" in (maml_data[0][0].infos or {}):
+            result.figures["velocity.png"] = lambda path: _velocity_plot(path, tasks, maml_data)
         return result
+
+
+def _velocity_plot(path, tasks, data):
+    from ..plotting import velocity_traces
+
+    velocity_traces(path, tasks, [eps.infos["forward_velocity"] for eps, _ in data], [eps.mask for eps, _ in data])
 
 
 def _nav_plot(path, tasks, data):
