@@ -62,7 +62,7 @@ import numpy as np
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 
 from .base import as_batch, hybridmethod, rowwise_abs_sum, rowwise_sum_of_squares
-from .locomotion import LocomotionTaskEnv
+from .locomotion import DirectionTasks, LocomotionTaskEnv, VelocityTasks
 
 __all__ = ["AntVelEnv", "AntDirEnv", "AntGoalEnv"]
 
@@ -153,45 +153,28 @@ class _AntTaskEnv(LocomotionTaskEnv, AntEnv):
         return reward, terms
 
 
-class AntVelEnv(_AntTaskEnv):
+class AntVelEnv(VelocityTasks, _AntTaskEnv):
     """Walk along +x at a target speed ``velocity ~ U[0, 3]`` (Finn et al. 2017, sec. 5.3).
 
     ``reward = -|v_x - velocity| + 1.0 - 0.005 * sum(a**2) + 0.05``; terminates when unhealthy.
     Task ``{"velocity": v}``; ``task_vector = [v]``.
     """
 
-    task_dim: ClassVar[int] = 1
-    task_spec: ClassVar[dict[str, int]] = {"velocity": 0}
     example_task: ClassVar[str] = "{'velocity': 1.5}"
-    default_task: ClassVar[dict[str, Any]] = {"velocity": 0.0}
     velocity_range: ClassVar[tuple[float, float]] = (0.0, 3.0)
     forward_reward_offset: ClassVar[float] = 1.0
-
-    @hybridmethod
-    def _sample(self, n: int, rng: np.random.Generator) -> list[dict]:
-        low, high = self.velocity_range
-        return [{"velocity": float(v)} for v in rng.uniform(low, high, size=n)]
 
     @hybridmethod
     def _task_reward(self, x_velocity, qpos_after, task_vectors, terms):
         return -np.abs(x_velocity - task_vectors[:, 0]) + self.forward_reward_offset
 
 
-class AntDirEnv(_AntTaskEnv):
+class AntDirEnv(DirectionTasks, _AntTaskEnv):
     """Walk forward (+1) or backward (-1) along x, each with probability 1/2 (MAML's ant-dir).
 
     ``reward = direction * v_x - 0.005 * sum(a**2) + 0.05``; terminates when unhealthy.
     Task ``{"direction": +-1.0}``; ``task_vector = [direction]``.
     """
-
-    task_dim: ClassVar[int] = 1
-    task_spec: ClassVar[dict[str, int]] = {"direction": 0}
-    example_task: ClassVar[str] = "{'direction': -1.0}"
-    default_task: ClassVar[dict[str, Any]] = {"direction": 1.0}
-
-    @hybridmethod
-    def _sample(self, n: int, rng: np.random.Generator) -> list[dict]:
-        return [{"direction": float(d)} for d in rng.choice(np.array([-1.0, 1.0]), size=n)]
 
     @hybridmethod
     def _task_reward(self, x_velocity, qpos_after, task_vectors, terms):

@@ -32,7 +32,7 @@ import numpy as np
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
 from .base import as_batch, hybridmethod, rowwise_sum_of_squares
-from .locomotion import LocomotionTaskEnv
+from .locomotion import DirectionTasks, LocomotionTaskEnv, VelocityTasks
 
 __all__ = ["HalfCheetahVelEnv", "HalfCheetahDirEnv"]
 
@@ -101,45 +101,27 @@ class _HalfCheetahTaskEnv(LocomotionTaskEnv, HalfCheetahEnv):
         return reward, terms
 
 
-class HalfCheetahVelEnv(_HalfCheetahTaskEnv):
+class HalfCheetahVelEnv(VelocityTasks, _HalfCheetahTaskEnv):
     """Run at a target forward velocity: ``velocity ~ U[0, 2]`` (Finn et al. 2017, sec. 5.3).
 
     ``reward = -|forward_velocity - velocity| - 0.05 * sum(action**2)``.
     Task ``{"velocity": v}``; ``task_vector = [v]``.
     """
 
-    task_dim: ClassVar[int] = 1
-    task_spec: ClassVar[dict[str, int]] = {"velocity": 0}
     example_task: ClassVar[str] = "{'velocity': 1.0}"
-    #: pytorch-maml-rl's default before any task is set
-    default_task: ClassVar[dict[str, Any]] = {"velocity": 0.0}
     velocity_range: ClassVar[tuple[float, float]] = (0.0, 2.0)
-
-    @hybridmethod
-    def _sample(self, n: int, rng: np.random.Generator) -> list[dict]:
-        low, high = self.velocity_range
-        return [{"velocity": float(v)} for v in rng.uniform(low, high, size=n)]
 
     @hybridmethod
     def _forward_reward(self, forward_velocity, task_vectors):
         return -np.abs(forward_velocity - task_vectors[:, 0])
 
 
-class HalfCheetahDirEnv(_HalfCheetahTaskEnv):
+class HalfCheetahDirEnv(DirectionTasks, _HalfCheetahTaskEnv):
     """Run forward (+1) or backward (-1), each with probability 1/2 (Finn et al. 2017, sec. 5.3).
 
     ``reward = direction * forward_velocity - 0.05 * sum(action**2)``.
     Task ``{"direction": +-1.0}``; ``task_vector = [direction]``.
     """
-
-    task_dim: ClassVar[int] = 1
-    task_spec: ClassVar[dict[str, int]] = {"direction": 0}
-    example_task: ClassVar[str] = "{'direction': -1.0}"
-    default_task: ClassVar[dict[str, Any]] = {"direction": 1.0}
-
-    @hybridmethod
-    def _sample(self, n: int, rng: np.random.Generator) -> list[dict]:
-        return [{"direction": float(d)} for d in rng.choice(np.array([-1.0, 1.0]), size=n)]
 
     @hybridmethod
     def _forward_reward(self, forward_velocity, task_vectors):

@@ -245,3 +245,31 @@ class LocomotionTaskEnv(TaskEnv):
         if self.render_mode == "human":
             self.render()
         return obs, float(reward[0]), terminated, truncated, info
+
+
+class VelocityTasks:
+    """Mixin for target-velocity task distributions: task ``{"velocity": v}``, v ~ U[velocity_range]."""
+
+    task_dim: ClassVar[int] = 1
+    task_spec: ClassVar[dict[str, int]] = {"velocity": 0}
+    #: pytorch-maml-rl's default before any task is set
+    default_task: ClassVar[dict[str, Any]] = {"velocity": 0.0}
+    velocity_range: ClassVar[tuple[float, float]] = (0.0, 2.0)
+
+    @hybridmethod
+    def _sample(self, n: int, rng: np.random.Generator) -> list[dict]:
+        low, high = self.velocity_range
+        return [{"velocity": float(v)} for v in rng.uniform(low, high, size=n)]
+
+
+class DirectionTasks:
+    """Mixin for forward/backward task distributions: task ``{"direction": +-1.0}``, each with probability 1/2."""
+
+    task_dim: ClassVar[int] = 1
+    task_spec: ClassVar[dict[str, int]] = {"direction": 0}
+    example_task: ClassVar[str] = "{'direction': -1.0}"
+    default_task: ClassVar[dict[str, Any]] = {"direction": 1.0}
+
+    @hybridmethod
+    def _sample(self, n: int, rng: np.random.Generator) -> list[dict]:
+        return [{"direction": float(d)} for d in rng.choice(np.array([-1.0, 1.0]), size=n)]
