@@ -86,20 +86,27 @@ def sampling_speed(n_tasks: int = 40, episodes: int = 20, horizon: int = 200, n_
 
 def meta_iteration_breakdown(args: argparse.Namespace, seed: int = 0) -> dict:
     """Seconds of one MAML-TRPO meta-iteration by phase, via the metrics ``meta_update`` reports
-    (time/sample, time/adapt, time/outer), after one warm-up iteration."""
+    (time/sample, time/adapt, time/outer), after one warm-up iteration, with the closed-form
+    TRPO gradient and Fisher-vector products (``RLOuterConfig(fisher="closed_form")``) and the
+    process's torch threads (``--torch-threads``). Then one more iteration with
+    ``fisher="autograd"`` (double backpropagation through the KL closure, the default and
+    generic path) gives the outer step's reference time on a batch of the same size."""
     from metarl.algorithms.maml_trpo import AdvantageConfig, RLInnerConfig, RLOuterConfig, meta_update
 
     torch.manual_seed(seed)
     policy = GaussianMLPPolicy(17, 6)
     tasks = HalfCheetahVelEnv.sample_tasks(args.tasks, np.random.default_rng(seed))
     inner = RLInnerConfig(lr=0.1, steps=1, episodes=args.episodes)
+    fast = RLOuterConfig(fisher="closed_form")
     with Collector(ENV_ID, {"horizon": args.horizon}, n_workers=args.workers) as col:
-        meta_update(policy, col, tasks, inner, AdvantageConfig(), RLOuterConfig(), seed)
+        meta_update(policy, col, tasks, inner, AdvantageConfig(), fast, seed)
         start = time.perf_counter()
-        m = meta_update(policy, col, tasks, inner, AdvantageConfig(), RLOuterConfig(), seed + 1)
+        m = meta_update(policy, col, tasks, inner, AdvantageConfig(), fast, seed + 1)
         total = time.perf_counter() - start
+        ref = meta_update(policy, col, tasks, inner, AdvantageConfig(), RLOuterConfig(fisher="autograd"), seed + 2)
     return {"sampling": m["time/sample"], "adaptation (+advantages)": m["time/adapt"], "TRPO outer step": m["time/outer"],
-            "total": total, "env steps": 2 * args.tasks * args.episodes * args.horizon}
+            "total": total, "(TRPO step, autograd FVPs)": ref["time/outer"],
+            "env steps": 2 * args.tasks * args.episodes * args.horizon}
 
 
 def main() -> None:

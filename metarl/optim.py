@@ -88,6 +88,11 @@ def conjugate_gradient(Avp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 
     Stops early when the squared residual rᵀr drops below ``residual_tol``, or if the curvature
     pᵀAp along a search direction is not positive (A not PD there: the current iterate is
     returned; raise the damping if that happens)."""
+    return _conjugate_gradient(Avp, b, iters, residual_tol)[0]
+
+
+def _conjugate_gradient(Avp: Callable[[Tensor], Tensor], b: Tensor, iters: int, residual_tol: float) -> tuple[Tensor, Tensor]:
+    """:func:`conjugate_gradient` returning (x, r), with r = b − A x kept by the recurrence."""
     if b.dim() != 1:
         raise ValueError(f"conjugate_gradient: b must be a flat vector, got shape {tuple(b.shape)}: use flat(...)")
     b = b.detach()
@@ -108,7 +113,7 @@ def conjugate_gradient(Avp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 
         rr_new = r @ r
         p = r + (rr_new / rr) * p
         rr = rr_new
-    return x
+    return x, r
 
 
 def hvp_fn(kl_fn: Callable[[ParamSet], Tensor], params: ParamSet, damping: float = 0.0) -> Callable[[Tensor], Tensor]:
@@ -203,7 +208,9 @@ def line_search(params: ParamSet, full_step: Union[Tensor, ParamSet],
 
 def trpo_step(params: ParamSet, surrogate_fn: Callable[[ParamSet], Tensor], kl_fn: Callable[[ParamSet], Tensor],
               max_kl: float = 0.01, cg_iters: int = 10, damping: float = 1e-5, ls_ratio: float = 0.8,
-              ls_steps: int = 15) -> dict:
+              ls_steps: int = 15, *, loss_and_kl_fn: Callable[[ParamSet], tuple[Tensor, Tensor]] | None = None,
+              fvp_fn: Callable[[ParamSet], Callable[[Tensor], Tensor]] | None = None,
+              loss_and_grad_fn: Callable[[ParamSet], tuple[Tensor, Tensor]] | None = None) -> dict:
     """One TRPO update of ``params`` (a dict or list of tensors, updated IN PLACE).
 
     ``surrogate_fn(p)`` is the scalar loss to minimise (−L, e.g. the mean over tasks of
@@ -215,6 +222,16 @@ def trpo_step(params: ParamSet, surrogate_fn: Callable[[ParamSet], Tensor], kl_f
     s = CG(F, −g), full step = sqrt(2·max_kl / sᵀFs)·s, then :func:`line_search`. Damping is
     added to F both in CG and in sᵀFs.
 
+    Optional shortcuts, for callers that can compute the same quantities more cheaply:
+    ``loss_and_kl_fn(p) -> (loss, kl)`` replaces the line search's separate calls of
+    ``surrogate_fn`` and ``kl_fn`` (in MAML one adaptation and one forward pass instead of two);
+    ``fvp_fn(p)`` returns v ↦ F v at ``p`` (flat, without damping), e.g. a closed form of the
+    Fisher-vector product, instead of ``hvp_fn(kl_fn, p)``; ``loss_and_grad_fn(p) -> (loss,
+    flat gradient)`` replaces autograd on ``surrogate_fn`` at ``p``. They must compute the same
+    values as the closures (up to rounding): they change the cost, not the step. (``fvp_fn`` is
+    called after ``loss_and_grad_fn``, at the same ``p``, so the two may share work; with
+    ``fvp_fn``, sᵀFs is read off CG's final residual instead of costing one more product.)
+
     Returns diagnostics (floats): accepted, step_fraction, kl, improvement, expected_improvement,
     loss_before, loss_after, backtracks, grad_norm, step_norm (of the accepted step, 0 if none).
     A zero gradient returns accepted=False without touching params.
@@ -225,23 +242,41 @@ def trpo_step(params: ParamSet, surrogate_fn: Callable[[ParamSet], Tensor], kl_f
     leaves = [t.detach().clone().requires_grad_(True) for t in targets]
     leaf_params = _rebuild(params, leaves)
 
-    with torch.enable_grad():
-        loss = _scalar(surrogate_fn(leaf_params), "surrogate_fn")
+    if loss_and_grad_fn is None:
+        with torch.enable_grad():
+            loss = _scalar(surrogate_fn(leaf_params), "surrogate_fn")
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"surrogate loss is {loss.item()}: check advantages and log-probabilities for NaN/inf")
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        g = flat(_grads_or_zeros(grads, leaves)).detach()
+        del grads
+    else:
+        loss, g = loss_and_grad_fn(leaf_params)
+        loss = _scalar(loss, "loss_and_grad_fn's loss")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"surrogate loss is {loss.item()}: check advantages and log-probabilities for NaN/inf")
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    g = flat(_grads_or_zeros(grads, leaves)).detach()
+        g = _as_flat(g, leaf_params).detach()
+        if g.shape != (sum(t.numel() for t in leaves),):
+            raise ValueError(f"loss_and_grad_fn returned a gradient of shape {tuple(g.shape)}: return flat(grads) over all parameters")
     old_loss = float(loss.detach())
-    del loss, grads
+    del loss
     grad_norm = float(g.norm())
     if grad_norm == 0.0:
         return {"accepted": False, "step_fraction": 0.0, "kl": 0.0, "improvement": 0.0, "expected_improvement": 0.0,
                 "loss_before": old_loss, "loss_after": old_loss, "backtracks": 0, "grad_norm": 0.0, "step_norm": 0.0}
 
-    Fvp = hvp_fn(kl_fn, leaf_params, damping)
-    s = conjugate_gradient(Fvp, -g, iters=cg_iters)
-    sFs = float(s @ Fvp(s))
-    del Fvp  # frees the double-backprop graph before the line search
+    product = None if fvp_fn is None else fvp_fn(leaf_params)
+    if product is None:
+        Fvp = hvp_fn(kl_fn, leaf_params, damping)
+    else:
+        def Fvp(v: Tensor) -> Tensor:
+            return product(v).detach() + damping * v
+    s, r = _conjugate_gradient(Fvp, -g, cg_iters, 1e-10)
+    if product is None:
+        sFs = float(s @ Fvp(s))
+    else:  # sᵀ(F + damping)s = sᵀ(−g − r), CG's residual r = −g − (F + damping)s: equal to rounding, one product less
+        sFs = float(s @ (-g - r))
+    del Fvp, product  # frees the double-backprop graph (or the closed form's caches) before the line search
     if not (math.isfinite(sFs) and sFs > 0):
         raise FloatingPointError(f"sᵀFs = {sFs} is not positive: increase damping (now {damping})")
     full_step = math.sqrt(2.0 * max_kl / sFs) * s
@@ -250,7 +285,7 @@ def trpo_step(params: ParamSet, surrogate_fn: Callable[[ParamSet], Tensor], kl_f
     def loss_and_kl(p):
         return surrogate_fn(p), kl_fn(p)
 
-    new_params, info = line_search(leaf_params, full_step, loss_and_kl, max_kl, expected, ratio=ls_ratio,
+    new_params, info = line_search(leaf_params, full_step, loss_and_kl_fn or loss_and_kl, max_kl, expected, ratio=ls_ratio,
                                    max_steps=ls_steps, old_loss=old_loss)
     with torch.no_grad():
         for t, new in zip(targets, _tensors(new_params)):
