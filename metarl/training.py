@@ -36,6 +36,23 @@ def check_finite(metrics: dict[str, float], iteration: int) -> None:
                             f"(--set outer.lr=..., --set inner.lr=...) and --resume from the last good checkpoint")
 
 
+RESUMABLE = ("iterations", "checkpoint_every", "log_every", "eval")
+
+
+def _changed_keys(now: dict, saved: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ. Keys the saved config lacks come from a newer metarl and
+    keep their defaults, so a run started with an older version can still be resumed."""
+    out = []
+    for k, v in now.items():
+        if k not in saved:
+            continue
+        if isinstance(v, dict) and isinstance(saved[k], dict):
+            out += _changed_keys(v, saved[k], f"{prefix}{k}.")
+        elif v != saved[k]:
+            out.append(prefix + k)
+    return out
+
+
 def seed_everything(seed: int) -> np.random.Generator:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -92,9 +109,7 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
         state = checkpoint.load(run_dir)
         saved = dict(state["config"])
         now = configlib.to_dict(cfg)
-        # keys the saved config lacks come from a newer metarl: they keep their defaults
-        changed = [k for k in now if k in saved and k not in ("iterations", "checkpoint_every", "log_every", "eval")
-                   and now[k] != saved[k]]
+        changed = [k for k in _changed_keys(now, saved) if k.split(".")[0] not in RESUMABLE]
         if changed:
             raise RunDirError(f"--resume with a different config ({', '.join(changed)} changed): only iterations, "
                               f"checkpoint_every, log_every and eval may change; use a new --run-dir otherwise")

@@ -64,7 +64,7 @@ def test_refuses_to_overwrite_and_rejects_changed_config_on_resume(tmp_path):
     train(sine_cfg(iterations=5), tmp_path, tensorboard=False)
     with pytest.raises(RunDirError, match="--resume"):
         train(sine_cfg(iterations=5), tmp_path, tensorboard=False)
-    with pytest.raises(RunDirError, match="inner changed"):
+    with pytest.raises(RunDirError, match="inner.lr changed"):
         train(sine_cfg(iterations=10, inner={"lr": 0.5}), tmp_path, resume=True, tensorboard=False)
 
 

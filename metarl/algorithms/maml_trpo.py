@@ -72,14 +72,14 @@ class RLOuterConfig:
     ls_steps: int = 15
     lr: float = 1e-3
     """Adam step size when optimizer is vpg."""
-    fisher: Literal["autograd", "closed_form"] = "autograd"
+    fisher: Literal["autograd", "closed_form"] = "closed_form"
     """TRPO's gradient and Fisher-vector products: "autograd" differentiates the closures (double
     backpropagation through the KL); "closed_form" computes the same values for a GaussianMLPPolicy
     with a relu/tanh MLP mean from F_θ = Jᵀ F_φ J (~3x cheaper per product and per TRPO step on
     HalfCheetahVel; other policies fall back to autograd). Equal to rounding (tested in float64),
     but 10 float32 CG iterations on a small ill-conditioned problem (e.g. 2D navigation) amplify
     rounding differences to ~1% of the step, so the two paths' training runs are not bit-identical
-    (the default, autograd, reproduces the earlier runs bit for bit)."""
+    ("autograd" reproduces runs made before closed_form existed bit for bit)."""
     threads: int = 0
     """torch intra-op threads for the TRPO step only, restored afterwards (sampling keeps its own
     setting); 0 = leave the process's setting unchanged. The collector is idle during the step, so
