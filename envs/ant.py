@@ -104,14 +104,6 @@ class _AntTaskEnv(LocomotionTaskEnv, AntEnv):
 
     # ---- pure vectorised functions (see metarl.envs.locomotion) -----------
     @hybridmethod
-    def batch_observation(self, qpos, qvel) -> np.ndarray:
-        """``concat(qpos[:, skip:], qvel)`` with skip = 2 (Vel/Dir, 27 dims) or 0 (Goal, 29 dims)."""
-        owner = "batch_observation"
-        qpos = as_batch(qpos, "qpos", self.nq, owner)
-        qvel = as_batch(qvel, "qvel", self.nv, owner)
-        return np.concatenate([qpos[:, self.obs_skip_qpos:], qvel], axis=1)
-
-    @hybridmethod
     def batch_terminated(self, qpos, qvel) -> np.ndarray:
         """``bool [B]``: unhealthy (non-finite state or torso z outside [0.2, 1.0]) and termination on."""
         qpos = as_batch(qpos, "qpos", self.nq, "batch_terminated")

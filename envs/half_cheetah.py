@@ -61,14 +61,6 @@ class _HalfCheetahTaskEnv(LocomotionTaskEnv, HalfCheetahEnv):
 
     # ---- pure vectorised functions (see metarl.envs.locomotion) -----------
     @hybridmethod
-    def batch_observation(self, qpos, qvel) -> np.ndarray:
-        """``concat(qpos[:, 1:], qvel)``: ``qpos [B, 9]``, ``qvel [B, 9]`` -> ``[B, 17]`` float64."""
-        owner = "batch_observation"
-        qpos = as_batch(qpos, "qpos", self.nq, owner)
-        qvel = as_batch(qvel, "qvel", self.nv, owner)
-        return np.concatenate([qpos[:, self.obs_skip_qpos:], qvel], axis=1)
-
-    @hybridmethod
     def batch_terminated(self, qpos, qvel) -> np.ndarray:
         """HalfCheetah never terminates early: all-False ``bool [B]``."""
         qpos = as_batch(qpos, "qpos", self.nq, "batch_terminated")

@@ -66,7 +66,7 @@ import mujoco
 import numpy as np
 from gymnasium.utils import EzPickle
 
-from .base import TaskEnv, check_num_tasks, check_rng, hybridmethod, parse_task
+from .base import TaskEnv, as_batch, check_num_tasks, check_rng, hybridmethod, parse_task
 
 __all__ = ["LocomotionTaskEnv", "quiet_mujoco_deprecations"]
 
@@ -162,6 +162,15 @@ class LocomotionTaskEnv(TaskEnv):
         # Gymnasium's base __init__ registered *its* positional arguments for
         # pickling; re-register ours so copy/pickle rebuild this class correctly.
         EzPickle.__init__(self, **kwargs)
+
+    # ------------------------------------------- pure vectorised observation
+    @hybridmethod
+    def batch_observation(self, qpos, qvel) -> np.ndarray:
+        """``concat(qpos[:, obs_skip_qpos:], qvel)`` float64 ``[B, obs_dim]`` (Gymnasium's layout:
+        HalfCheetah skips x (17 dims), AntVel/Dir skip x, y (27), AntGoal keeps them (29))."""
+        qpos = as_batch(qpos, "qpos", self.nq, "batch_observation")
+        qvel = as_batch(qvel, "qvel", self.nv, "batch_observation")
+        return np.concatenate([qpos[:, self.obs_skip_qpos:], qvel], axis=1)
 
     # ------------------------------------------------------------------ tasks
     @hybridmethod
