@@ -36,7 +36,7 @@ def _episodes(policy, params, gen, lengths=True):
     return SimpleNamespace(obs=obs, actions=actions, mask=mask, log_probs=logp), adv
 
 
-def _problem(seed=0, activation="relu", steps=1, first_order=False, clamp=False):
+def _problem(seed=0, activation="relu", steps=1, first_order=False, clamp=False, reduction="episode"):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     policy = GaussianMLPPolicy(OBS, ACT, hidden=(6, 5), activation=activation, init_std=0.8, min_std=0.3)
@@ -51,7 +51,7 @@ def _problem(seed=0, activation="relu", steps=1, first_order=False, clamp=False)
         eps, adv = _episodes(policy, params, gen)
         train.append((eps, adv))
         with torch.no_grad():
-            params = adapt_on(policy, params, [(eps, adv)], inner.lr)
+            params = adapt_on(policy, params, [(eps, adv)], inner.lr, reduction=reduction)
     valid, valid_adv = _episodes(policy, params, gen)
     return policy, theta, train, valid, valid_adv, params, inner
 
@@ -60,6 +60,7 @@ CASES = [dict(activation=a, steps=s, first_order=fo, clamp=c)
          for a, s, fo, c in [("relu", 1, False, False), ("tanh", 1, False, True), ("relu", 2, False, True),
                              ("tanh", 2, False, False), ("relu", 1, True, False), ("tanh", 2, True, True),
                              ("relu", 0, False, True)]]  # 0 inner steps: plain TRPO
+CASES += [dict(CASES[i], reduction="step") for i in (1, 2, 4)]  # rllab's weighting of the steps
 
 
 @float64
@@ -68,9 +69,10 @@ def test_closed_form_fisher_and_gradient_equal_autograd(case):
     """F_θ = Jᵀ F_φ J (closed form) vs double backpropagation through the real MAML KL closure,
     and the closed-form surrogate gradient vs autograd, in float64."""
     policy, theta, train, valid, valid_adv, phi_old, inner = _problem(seed=len(str(case)), **case)
-    surrogate, kl, _ = outer_objective(policy, train, valid, valid_adv, phi_old, inner)
+    reduction = case.get("reduction", "episode")
+    surrogate, kl, _ = outer_objective(policy, train, valid, valid_adv, phi_old, inner, reduction)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in theta.items()}
-    lin = _MAMLLinearization(policy, leaves, train, inner.lr, inner.first_order, T)
+    lin = _MAMLLinearization(policy, leaves, train, inner.lr, inner.first_order, T, reduction)
     reference, fast = hvp_fn(kl, leaves), lin.fisher(valid)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):

@@ -88,3 +88,33 @@ def test_locomotion_evaluation_draws_velocity_traces(tmp_path):
     finally:
         track.close()
     assert (tmp_path / "v.png").stat().st_size > 0
+
+
+def test_per_step_evaluation_step_sizes():
+    """inner.eval_lr may list one step size per inner step (the last repeats): a second step of
+    size 0 leaves the fast weights where the first step put them."""
+    import torch
+
+    from metarl.algorithms.maml_trpo import collect_adapted, step_sizes
+    from metarl.functional import params_of
+    from metarl.tracks.rl import RLTrack
+
+    assert step_sizes(0.5, 3) == [0.5, 0.5, 0.5]
+    assert step_sizes([0.5, 0.25], 3) == [0.5, 0.25, 0.25]
+    assert step_sizes([0.5, 0.25, 0.1], 2) == [0.5, 0.25]
+    with pytest.raises(ValueError, match="at least one"):
+        step_sizes([], 1)
+    cfg = nav_cfg(inner={"lr": 0.1, "episodes": 4, "eval_lr": [0.5, 0.0]})
+    assert cfg.inner.eval_lr == [0.5, 0.0] and nav_cfg(inner={"eval_lr": 0.3}).inner.eval_lr == 0.3
+    track = RLTrack(cfg)
+    try:
+        tasks = track.task_env.sample_tasks(3, np.random.default_rng(0))
+        theta = params_of(track.policy)
+        _, one, _ = collect_adapted(track.policy, track.collector, theta, tasks, 4, cfg.advantages, 1, 0.5, seed=3)
+        _, two, _ = collect_adapted(track.policy, track.collector, theta, tasks, 4, cfg.advantages, 2, [0.5, 0.0], seed=3)
+        _, moved, _ = collect_adapted(track.policy, track.collector, theta, tasks, 4, cfg.advantages, 2, 0.5, seed=3)
+    finally:
+        track.close()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=0)
+    assert any(not torch.equal(moved[k], one[k]) for k in one)

@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -43,8 +43,9 @@ class RLInnerConfig:
     """Inner steps in meta-training (each collects fresh episodes under the current φ)."""
     eval_steps: int = 3
     """Inner steps on the evaluation curve."""
-    eval_lr: Optional[float] = None
-    """Step size at evaluation (null = lr)."""
+    eval_lr: Union[float, list[float], None] = None
+    """Step size at evaluation (null = lr); a list gives one per step, its last entry repeating
+    (the paper's 2D-navigation test used 0.5 and then a smaller step, see experiments/nav2d.yaml)."""
     episodes: int = 20
     """Episodes per task per inner step (and for the post-update data)."""
     eval_episodes: Optional[int] = None
@@ -59,6 +60,12 @@ class AdvantageConfig:
     """GAE λ (1.0 = Monte-Carlo returns minus the baseline, as in pytorch-maml-rl)."""
     normalize: bool = True
     """Normalise advantages per task (mean 0, std 1 over valid steps)."""
+    reduction: Literal["episode", "step"] = "episode"
+    """How the valid steps of a task's batch are averaged, in the advantage normalisation and in
+    every loss (REINFORCE, TRPO surrogate, KL): "episode" averages each episode over its own steps,
+    then the episodes (pytorch-maml-rl); "step" weights every valid step equally (rllab, the MAML
+    paper's code). Identical for fixed-horizon tasks; they differ when episodes end early (2D
+    navigation's goal radius), where "episode" gives each step of a short episode more weight."""
     baseline_reg: float = 1e-5
 
 
@@ -98,32 +105,42 @@ def advantages(episodes, cfg: AdvantageConfig) -> Tensor:
     returns = discounted_returns(episodes.rewards, episodes.mask, cfg.gamma)
     values = LinearFeatureBaseline(cfg.baseline_reg)(episodes.obs, returns, episodes.mask)
     adv = gae(episodes.rewards, values, episodes.mask, cfg.gamma, cfg.gae_lambda)
-    return normalize_advantages(adv, episodes.mask) if cfg.normalize else adv
+    return normalize_advantages(adv, episodes.mask, reduction=cfg.reduction) if cfg.normalize else adv
 
 
-def inner_loss(policy, episodes, adv: Tensor):
+def inner_loss(policy, episodes, adv: Tensor, reduction: str = "episode"):
     """REINFORCE loss of stacked per-task params on fixed episodes, summed over tasks."""
     def loss(params: Params) -> Tensor:
         mean, log_std = policy.forward_tasks(params, episodes.obs)
-        return reinforce_loss(log_prob(mean, log_std, episodes.actions), adv, episodes.mask).sum()
+        return reinforce_loss(log_prob(mean, log_std, episodes.actions), adv, episodes.mask, reduction).sum()
     return loss
 
 
-def adapt_on(policy, params: Params, batches, lr, first_order: bool = False) -> Params:
+def adapt_on(policy, params: Params, batches, lr, first_order: bool = False, reduction: str = "episode") -> Params:
     """Replay the inner steps on already-collected (episodes, advantages) pairs."""
     for eps, adv in batches:
-        params = inner_step(inner_loss(policy, eps, adv), params, lr, first_order=first_order)
+        params = inner_step(inner_loss(policy, eps, adv, reduction), params, lr, first_order=first_order)
     return params
 
 
+def step_sizes(lr: Union[float, Sequence[float]], steps: int) -> list[float]:
+    """One inner step size per step: a number for all, or a list whose last entry repeats."""
+    if isinstance(lr, (int, float)):
+        return [float(lr)] * steps
+    lrs = [float(x) for x in lr]
+    if not lrs:
+        raise ValueError("empty list of inner step sizes: give at least one (e.g. inner.eval_lr=[0.5])")
+    return (lrs + lrs[-1:] * steps)[:steps]
+
+
 def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_cfg: AdvantageConfig,
-                    steps: int, lr: float, seed: int):
-    """Episodes before and after each of ``steps`` inner steps.
+                    steps: int, lr: Union[float, Sequence[float]], seed: int):
+    """Episodes before and after each of ``steps`` inner steps (``lr``: see :func:`step_sizes`).
 
     Returns ([(episodes, advantages) at θ, φ1, ..., φ_steps], the last φ detached, seconds spent
     sampling and adapting)."""
     params = stack({k: v.detach() for k, v in theta.items()}, len(tasks))
-    out = []
+    out, lrs = [], step_sizes(lr, steps)
     timing = {"sample": 0.0, "adapt": 0.0}
     for s in range(steps + 1):
         t0 = time.perf_counter()
@@ -132,7 +149,7 @@ def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_
         adv = advantages(eps, adv_cfg)
         out.append((eps, adv))
         if s < steps:
-            params = inner_step(inner_loss(policy, eps, adv), params, lr)
+            params = inner_step(inner_loss(policy, eps, adv, adv_cfg.reduction), params, lrs[s])
         timing["sample"] += t1 - t0
         timing["adapt"] += time.perf_counter() - t1
     return out, params, timing
@@ -158,8 +175,10 @@ def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_
 # a relu/tanh MLP mean and a scalar inner step size; anything else takes the autograd path.
 
 
-def _episode_weights(mask: Tensor) -> Tensor:
-    """The weight of each step in :func:`metarl.objectives.masked_mean` (reduction "episode")."""
+def _step_weights(mask: Tensor, reduction: str) -> Tensor:
+    """The weight of each step in :func:`metarl.objectives.masked_mean` with ``reduction``."""
+    if reduction == "step":
+        return mask / mask.sum((-2, -1), keepdim=True).clamp(min=1.0)
     return mask / mask.sum(-2, keepdim=True).clamp(min=1.0) / mask.shape[-1]
 
 
@@ -281,10 +300,10 @@ class _InnerCurvature:
     """The summed REINFORCE inner loss on one batch around fixed per-task params: its gradient
     (``grad``) and Hessian-vector products (:meth:`hvp`)."""
 
-    def __init__(self, policy, params: Params, episodes, adv: Tensor):
+    def __init__(self, policy, params: Params, episodes, adv: Tensor, reduction: str):
         self.net = net = _LinearizedMLP(policy, params, episodes.obs)
         T, A = episodes.actions.shape[0], episodes.actions.shape[-1]
-        c = (adv.detach() * _episode_weights(episodes.mask)).reshape(T, -1, 1)  # loss = −Σ c · log π
+        c = (adv.detach() * _step_weights(episodes.mask, reduction)).reshape(T, -1, 1)  # loss = −Σ c · log π
         self.r = episodes.actions.reshape(T, -1, A) - net.mean
         self.c_iv = c * net.inv_var
         self.deltas, self.gh_d2 = [None] * net.n, [None] * net.n
@@ -308,14 +327,15 @@ class _MAMLLinearization:
     and the adapted policy φ_old = φ(θ_old); gives the surrogate's value and exact gradient, and
     the exact Fisher-vector products of the mean KL (see the section comment)."""
 
-    def __init__(self, policy, theta: Params, train, lr: float, first_order: bool, n_tasks: int):
-        self.policy, self.names = policy, list(theta)
+    def __init__(self, policy, theta: Params, train, lr: float, first_order: bool, n_tasks: int,
+                 reduction: str = "episode"):
+        self.policy, self.names, self.reduction = policy, list(theta), reduction
         self.like = {k: t.detach() for k, t in theta.items()}
         self.n_tasks = n_tasks
         params = stack(self.like, self.n_tasks)
         self.lr, self.first_order, self.inner = float(lr), first_order, []
         for eps, adv in train:
-            curv = _InnerCurvature(policy, params, eps, adv)
+            curv = _InnerCurvature(policy, params, eps, adv, reduction)
             self.inner.append(curv)
             params = {k: params[k] - self.lr * curv.grad[k] for k in params}
         self.phi = params
@@ -350,7 +370,7 @@ class _MAMLLinearization:
         T, A = self.n_tasks, valid.actions.shape[-1]
         actions = valid.actions.reshape(T, -1, A)
         logp = log_prob(net.mean, net.log_std.unsqueeze(1), actions)
-        wa = ((_episode_weights(valid.mask) * adv.detach()).reshape(T, -1) / T) * torch.exp(logp - valid.log_probs.reshape(T, -1))
+        wa = ((_step_weights(valid.mask, self.reduction) * adv.detach()).reshape(T, -1) / T) * torch.exp(logp - valid.log_probs.reshape(T, -1))
         loss = -wa.sum()
         r = actions - net.mean
         wa = wa.unsqueeze(-1)
@@ -361,7 +381,7 @@ class _MAMLLinearization:
     def fisher(self, valid):
         """v ↦ F_θ v (flat) for the mean over tasks of KL(π_φ_old ‖ π_φ(θ)) on ``valid``."""
         net = self._net(valid)
-        w = (_episode_weights(valid.mask) / self.n_tasks).reshape(self.n_tasks, -1, 1)
+        w = (_step_weights(valid.mask, self.reduction) / self.n_tasks).reshape(self.n_tasks, -1, 1)
         w_iv, w_log_std = w * net.inv_var, 2.0 * w.sum(1) * net.clamp_grad
 
         def product(vec: Tensor) -> Tensor:
@@ -413,11 +433,11 @@ def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: Advanta
     t_outer = time.perf_counter()
     if outer.optimizer == "trpo":
         with torch_threads(outer.threads):
-            info = trpo_outer_step(policy, theta, train, valid, valid_adv, phi_old, inner, outer, seed)
+            info = trpo_outer_step(policy, theta, train, valid, valid_adv, phi_old, inner, outer, seed, adv_cfg.reduction)
         metrics.update({"trpo/kl": info["kl"], "trpo/accepted": float(info["accepted"]),
                         "trpo/step_fraction": info["step_fraction"], "loss/surrogate": info["loss_before"]})
     else:
-        surrogate, _, _ = outer_objective(policy, train, valid, valid_adv, phi_old, inner)
+        surrogate, _, _ = outer_objective(policy, train, valid, valid_adv, phi_old, inner, adv_cfg.reduction)
         loss = surrogate(theta)
         metrics["loss/surrogate"] = loss.item()
         if torch.isfinite(loss):
@@ -429,7 +449,8 @@ def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: Advanta
     return metrics
 
 
-def outer_objective(policy, train, valid, valid_adv: Tensor, phi_old: Params, inner: RLInnerConfig):
+def outer_objective(policy, train, valid, valid_adv: Tensor, phi_old: Params, inner: RLInnerConfig,
+                    reduction: str = "episode"):
     """Closures of the outer step on fixed data, θ ↦ (surrogate, mean KL, (surrogate, KL)): each
     recomputes φ(θ) by replaying the inner steps on ``train``, then evaluates the adapted
     policy on ``valid`` (the KL against the policy at ``phi_old``, the fast weights at θ_old)."""
@@ -438,14 +459,14 @@ def outer_objective(policy, train, valid, valid_adv: Tensor, phi_old: Params, in
         old_mean, old_log_std = policy.forward_tasks(phi_old, valid.obs)
 
     def adapted(p: Params) -> Params:
-        return adapt_on(policy, stack(p, n_tasks), train, inner.lr, inner.first_order)
+        return adapt_on(policy, stack(p, n_tasks), train, inner.lr, inner.first_order, reduction)
 
     def surrogate_of(mean, log_std):
         lp = log_prob(mean, log_std, valid.actions)
-        return surrogate_loss(lp, valid.log_probs, valid_adv, valid.mask).mean()
+        return surrogate_loss(lp, valid.log_probs, valid_adv, valid.mask, reduction).mean()
 
     def kl_of(mean, log_std):
-        return gaussian_kl(old_mean, old_log_std, mean, log_std, valid.mask).mean()
+        return gaussian_kl(old_mean, old_log_std, mean, log_std, valid.mask, reduction).mean()
 
     def surrogate(p: Params) -> Tensor:
         return surrogate_of(*policy.forward_tasks(adapted(p), valid.obs))
@@ -461,9 +482,9 @@ def outer_objective(policy, train, valid, valid_adv: Tensor, phi_old: Params, in
 
 
 def trpo_outer_step(policy, theta: Params, train, valid, valid_adv: Tensor, phi_old: Params, inner: RLInnerConfig,
-                    outer: RLOuterConfig, seed: int = 0) -> dict:
+                    outer: RLOuterConfig, seed: int = 0, reduction: str = "episode") -> dict:
     """TRPO on θ (updated in place) for the outer objective of :func:`outer_objective`."""
-    surrogate, kl, loss_and_kl = outer_objective(policy, train, valid, valid_adv, phi_old, inner)
+    surrogate, kl, loss_and_kl = outer_objective(policy, train, valid, valid_adv, phi_old, inner, reduction)
     if not 0.0 < outer.fvp_subsample <= 1.0:
         raise ValueError(f"outer.fvp_subsample must be in (0, 1], got {outer.fvp_subsample}")
     if outer.fisher not in ("autograd", "closed_form"):
@@ -476,7 +497,7 @@ def trpo_outer_step(policy, theta: Params, train, valid, valid_adv: Tensor, phi_
         def linearization(p: Params) -> _MAMLLinearization:
             lin = cache.get("lin")
             if lin is None or any(not torch.equal(lin.like[k], p[k].detach()) for k in lin.like):
-                lin = cache["lin"] = _MAMLLinearization(policy, p, train, inner.lr, inner.first_order, valid.obs.shape[0])
+                lin = cache["lin"] = _MAMLLinearization(policy, p, train, inner.lr, inner.first_order, valid.obs.shape[0], reduction)
             return lin
 
         def loss_and_grad_fn(p: Params):
@@ -488,7 +509,7 @@ def trpo_outer_step(policy, theta: Params, train, valid, valid_adv: Tensor, phi_
             lin.keep_only(fisher_valid)
             return lin.fisher(fisher_valid)
     elif fisher_valid is not valid:
-        _, kl_sub, _ = outer_objective(policy, train, fisher_valid, fisher_adv, phi_old, inner)
+        _, kl_sub, _ = outer_objective(policy, train, fisher_valid, fisher_adv, phi_old, inner, reduction)
 
         def fvp_fn(p: Params):
             return hvp_fn(kl_sub, p)
