@@ -88,7 +88,8 @@ def meta_iteration_breakdown(args: argparse.Namespace, seed: int = 0) -> dict:
     """Seconds of one MAML-TRPO meta-iteration by phase, via the metrics ``meta_update`` reports
     (time/sample, time/adapt, time/outer), after one warm-up iteration, with the closed-form
     TRPO gradient and Fisher-vector products (``RLOuterConfig(fisher="closed_form")``) and the
-    process's torch threads (``--torch-threads``). Then one more iteration with
+    process's torch threads (``--torch-threads``) for sampling and ``--trpo-threads`` for the TRPO
+    step (``outer.threads``; the simulators are idle then), and ``--fvp-subsample``. Then one more iteration with
     ``fisher="autograd"`` (double backpropagation through the KL closure, the default and
     generic path) gives the outer step's reference time on a batch of the same size."""
     from metarl.algorithms.maml_trpo import AdvantageConfig, RLInnerConfig, RLOuterConfig, meta_update
@@ -97,13 +98,14 @@ def meta_iteration_breakdown(args: argparse.Namespace, seed: int = 0) -> dict:
     policy = GaussianMLPPolicy(17, 6)
     tasks = HalfCheetahVelEnv.sample_tasks(args.tasks, np.random.default_rng(seed))
     inner = RLInnerConfig(lr=0.1, steps=1, episodes=args.episodes)
-    fast = RLOuterConfig(fisher="closed_form")
+    fast = RLOuterConfig(fisher="closed_form", threads=args.trpo_threads, fvp_subsample=args.fvp_subsample)
     with Collector(ENV_ID, {"horizon": args.horizon}, n_workers=args.workers) as col:
         meta_update(policy, col, tasks, inner, AdvantageConfig(), fast, seed)
         start = time.perf_counter()
         m = meta_update(policy, col, tasks, inner, AdvantageConfig(), fast, seed + 1)
         total = time.perf_counter() - start
-        ref = meta_update(policy, col, tasks, inner, AdvantageConfig(), RLOuterConfig(fisher="autograd"), seed + 2)
+        ref = meta_update(policy, col, tasks, inner, AdvantageConfig(),
+                          RLOuterConfig(fisher="autograd", threads=args.trpo_threads), seed + 2)
     return {"sampling": m["time/sample"], "adaptation (+advantages)": m["time/adapt"], "TRPO outer step": m["time/outer"],
             "total": total, "(TRPO step, autograd FVPs)": ref["time/outer"],
             "env steps": 2 * args.tasks * args.episodes * args.horizon}
@@ -117,6 +119,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="collector workers (threads on the fast path)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads for the policy call (the simulators already use the cores)")
+    ap.add_argument("--trpo-threads", type=int, default=0,
+                    help="torch threads for the TRPO step only (outer.threads; 0 = same as --torch-threads)")
+    ap.add_argument("--fvp-subsample", type=float, default=1.0, help="outer.fvp_subsample (1.0 = exact TRPO)")
     ap.add_argument("--no-generic", action="store_true", help="skip the generic-path measurement")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the meta-iteration breakdown")
     args = ap.parse_args()
@@ -135,7 +140,8 @@ def main() -> None:
     if not args.no_breakdown:
         b = meta_iteration_breakdown(args)
         raw_seconds = b.pop("env steps") / r["raw"]
-        print(f"one MAML-TRPO meta-iteration ({args.tasks} tasks x {args.episodes} episodes, before and after adaptation); "
+        print(f"one MAML-TRPO meta-iteration ({args.tasks} tasks x {args.episodes} episodes, before and after adaptation; "
+              f"TRPO threads {args.trpo_threads or args.torch_threads}, fvp_subsample {args.fvp_subsample}); "
               f"raw simulation of the same steps: {raw_seconds:.2f} s")
         for phase, seconds in b.items():
             print(f"  {phase:<26s} {seconds:7.2f} s  = {seconds / raw_seconds:5.2f}x raw simulation time")
