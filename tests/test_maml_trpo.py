@@ -183,3 +183,22 @@ def test_meta_update_with_the_closed_form_on_navigation():
     torch.manual_seed(0)
     t0 = flat(F.detached(F.params_of(GaussianMLPPolicy(2, 2, hidden=(32, 32)))))
     assert (tc - ta).norm() <= 1e-5 * (ta - t0).norm()  # measured ~1e-6
+
+
+def test_advantage_normalisation_follows_the_configured_reduction():
+    """advantages.reduction reaches the normalisation: with episodes of unequal length the two
+    weightings give different statistics, and each matches normalize_advantages by hand."""
+    from metarl.advantages import normalize_advantages
+    from metarl.algorithms.maml_trpo import advantages
+
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(2, 5, 3)
+    mask[0, 2:, 0] = 0
+    mask[1, 4:, 2] = 0
+    eps = SimpleNamespace(obs=torch.randn(2, 5, 3, 2, generator=gen), rewards=torch.randn(2, 5, 3, generator=gen) * mask,
+                          mask=mask)
+    out = {r: advantages(eps, AdvantageConfig(reduction=r)) for r in ("episode", "step")}
+    raw = advantages(eps, AdvantageConfig(normalize=False))
+    for r, adv in out.items():
+        torch.testing.assert_close(adv, normalize_advantages(raw, mask, reduction=r))
+    assert not torch.allclose(out["episode"], out["step"])
