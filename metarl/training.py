@@ -36,7 +36,12 @@ def check_finite(metrics: dict[str, float], iteration: int) -> None:
                             f"(--set outer.lr=..., --set inner.lr=...) and --resume from the last good checkpoint")
 
 
-RESUMABLE = ("iterations", "checkpoint_every", "log_every", "eval")
+RESUMABLE = ("iterations", "checkpoint_every", "log_every", "eval",
+             "sampler", "outer.threads")  # the last two only change speed (a run moved to a free machine)
+
+
+def _resumable(key: str) -> bool:
+    return any(key == r or key.startswith(r + ".") for r in RESUMABLE)
 
 
 def _changed_keys(now: dict, saved: dict, prefix: str = "") -> list[str]:
@@ -109,10 +114,10 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
         state = checkpoint.load(run_dir)
         saved = dict(state["config"])
         now = configlib.to_dict(cfg)
-        changed = [k for k in _changed_keys(now, saved) if k.split(".")[0] not in RESUMABLE]
+        changed = [k for k in _changed_keys(now, saved) if not _resumable(k)]
         if changed:
-            raise RunDirError(f"--resume with a different config ({', '.join(changed)} changed): only iterations, "
-                              f"checkpoint_every, log_every and eval may change; use a new --run-dir otherwise")
+            raise RunDirError(f"--resume with a different config ({', '.join(changed)} changed): only "
+                              f"{', '.join(RESUMABLE)} may change; use a new --run-dir otherwise")
         track.load_state_dict(state["track"])
         checkpoint.restore_rng(state["rng"], rng)
         start = int(state["iteration"])

@@ -68,6 +68,15 @@ def test_refuses_to_overwrite_and_rejects_changed_config_on_resume(tmp_path):
         train(sine_cfg(iterations=10, inner={"lr": 0.5}), tmp_path, resume=True, tensorboard=False)
 
 
+def test_speed_only_settings_may_change_on_resume():
+    from metarl.training import _resumable
+
+    for key in ("iterations", "eval.tasks", "sampler.workers", "outer.threads"):
+        assert _resumable(key), key
+    for key in ("inner.lr", "outer.max_kl", "outer.threads_extra", "samplers", "seed"):
+        assert not _resumable(key), key
+
+
 def test_corrupt_checkpoint_is_reported_and_previous_is_kept(tmp_path):
     train(sine_cfg(iterations=20), tmp_path, tensorboard=False)
     prev = tmp_path / checkpoint.PREVIOUS
