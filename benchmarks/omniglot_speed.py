@@ -53,11 +53,13 @@ VARIANTS = ("engine", "loop", "vmap", "vmap_fwd")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
-def make_model(chunk=None):
+def make_model(chunk=None, images_per_chunk=None):
     torch.manual_seed(0)
     model = Conv4(1, N_WAY, hidden=64, image_size=SIZE, pooling="stride")
     if chunk is not None:
         model.task_chunk = chunk
+    if images_per_chunk is not None:
+        model.images_per_chunk = images_per_chunk
     return model
 
 
@@ -162,6 +164,7 @@ def main():
     ap.add_argument("--q", default="1,15", help="query images per class, comma-separated")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     ap.add_argument("--chunk", type=int, default=None, help="override Conv4.task_chunk (tasks per grouped convolution)")
+    ap.add_argument("--images-per-chunk", type=int, default=None, help="override Conv4.images_per_chunk (the automatic chunk's target)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
     ap.add_argument("--tune-malloc", action="store_true", help="rerun with glibc malloc keeping freed memory (fewer page faults)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -177,7 +180,7 @@ def main():
     if unknown or "engine" not in variants or "loop" not in variants:
         raise SystemExit(f"--variants must include engine and loop, from {VARIANTS}; got {variants}")
     torch.set_num_threads(args.threads)
-    model = make_model(args.chunk)
+    model = make_model(args.chunk, args.images_per_chunk)
     chunk = f"task_chunk {model.task_chunk}" if model.task_chunk else f"task_chunk auto (~{model.images_per_chunk} images per chunk)"
     print(f"Omniglot Conv4(64) meta-iteration: {N_WAY}-way 1-shot, meta-batch {META_BATCH}, {SIZE}x{SIZE}, 1 inner step (lr {LR}), "
           f"second order, full meta-gradient; {args.threads} thread(s), {chunk}, median of {args.repeats} interleaved repeats"
@@ -186,7 +189,7 @@ def main():
     for q in qs:
         batches = [make_batch(q, s) for s in range(2)]
         small = TaskBatch(*(t[:4] for t in (batches[0].x_support, batches[0].y_support, batches[0].x_query, batches[0].y_query)))
-        model64, small64 = make_model(args.chunk).double(), small.to(torch.float64)
+        model64, small64 = make_model(args.chunk, args.images_per_chunk).double(), small.to(torch.float64)
         ref64 = loop(model64, small64)
         errors64 = {v: relative_error(FNS[v](model64, small64), ref64) for v in variants if v != "loop"}
         if errors64["engine"] > 1e-10:
