@@ -37,7 +37,8 @@ def check_finite(metrics: dict[str, float], iteration: int) -> None:
 
 
 RESUMABLE = ("iterations", "checkpoint_every", "log_every", "eval",
-             "sampler", "outer.threads")  # the last two only change speed (a run moved to a free machine)
+             "inner.eval_steps", "inner.eval_lr", "inner.eval_episodes",  # evaluation only
+             "sampler", "outer.threads")  # speed only (a run moved to a free machine)
 
 
 def _resumable(key: str) -> bool:

@@ -71,7 +71,7 @@ def test_refuses_to_overwrite_and_rejects_changed_config_on_resume(tmp_path):
 def test_speed_only_settings_may_change_on_resume():
     from metarl.training import _resumable
 
-    for key in ("iterations", "eval.tasks", "sampler.workers", "outer.threads"):
+    for key in ("iterations", "eval.tasks", "sampler.workers", "outer.threads", "inner.eval_lr", "inner.eval_steps"):
         assert _resumable(key), key
     for key in ("inner.lr", "outer.max_kl", "outer.threads_extra", "samplers", "seed"):
         assert not _resumable(key), key
