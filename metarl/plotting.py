@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 LABELS = {"mse": "mean squared error", "accuracy": "accuracy", "return": "average return"}
@@ -25,6 +26,7 @@ def adaptation_plot(runs: dict[str, dict], path: str | Path, title: str = "") ->
             line, = ax.plot(steps, m, marker="o", ms=3, label=label)
             ax.fill_between(steps, m - c, m + c, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("inner gradient steps")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_ylabel(LABELS.get(metric, metric or ""))
     if metric == "mse":
         ax.set_yscale("log")
