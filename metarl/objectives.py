@@ -40,25 +40,32 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 REDUCTIONS = ("episode", "step")
 
 
+def step_weights(mask: Tensor, reduction: str = "episode") -> Tensor:
+    """The weight of each step in :func:`masked_mean`: [..., Tmax, B], zero on padded steps and
+    summing to 1 per task (to less when whole episodes are empty under "episode"). The closed-form
+    TRPO products (:mod:`metarl.algorithms.maml_trpo`) weight their terms with it too."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction '{reduction}': choose one of {REDUCTIONS}")
+    if reduction == "episode":
+        return mask / mask.sum(-2, keepdim=True).clamp(min=1.0) / mask.shape[-1]
+    return mask / mask.sum((-2, -1), keepdim=True).clamp(min=1.0)
+
+
 def masked_mean(x: Tensor, mask: Tensor, reduction: str = "episode") -> Tensor:
     """Average of ``x`` over the valid steps of a padded batch: [..., Tmax, B] → [...].
 
     ``reduction="episode"`` (default) is pytorch-maml-rl's ``weighted_mean(..., lengths)``
     followed by ``.mean()``: each episode is averaged over its own valid steps, then the episodes
-    are averaged. ``reduction="step"`` is Σ mask·x / Σ mask, every valid step weighted equally.
-    The two coincide when all episodes have the same length (fixed-horizon tasks). An episode
-    with no valid step contributes 0 under "episode" (its length is floored at 1).
+    are averaged. ``reduction="step"`` is Σ mask·x / Σ mask, every valid step weighted equally
+    (rllab, the MAML paper's code). The two coincide when all episodes have the same length
+    (fixed-horizon tasks). An episode with no valid step contributes 0 under "episode".
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction '{reduction}': choose one of {REDUCTIONS}")
     if x.dim() < 2:
         raise ValueError(f"expected per-step values [..., Tmax, B], got shape {tuple(x.shape)}: keep the time and episode axes")
     x, mask = torch.broadcast_tensors(x, mask.to(x.dtype))
-    masked = x * mask
-    if reduction == "episode":
-        per_episode = masked.sum(-2) / mask.sum(-2).clamp(min=1.0)
-        return per_episode.mean(-1)
-    return masked.sum((-2, -1)) / mask.sum((-2, -1)).clamp(min=1.0)
+    return (x * step_weights(mask, reduction)).sum((-2, -1))
 
 
 def reinforce_loss(log_probs: Tensor, advantages: Tensor, mask: Tensor, reduction: str = "episode") -> Tensor:

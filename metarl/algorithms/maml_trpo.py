@@ -28,7 +28,7 @@ from torch import Tensor
 from ..adaptation import inner_step
 from ..advantages import LinearFeatureBaseline, discounted_returns, gae, normalize_advantages
 from ..functional import Params, stack
-from ..objectives import gaussian_kl, reinforce_loss, surrogate_loss
+from ..objectives import gaussian_kl, reinforce_loss, step_weights, surrogate_loss
 from ..optim import hvp_fn, trpo_step, unflat
 from metarl.policies.gaussian import GaussianMLPPolicy, log_prob
 from metarl.policies.mlp import MLP
@@ -175,13 +175,6 @@ def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_
 # a relu/tanh MLP mean and a scalar inner step size; anything else takes the autograd path.
 
 
-def _step_weights(mask: Tensor, reduction: str) -> Tensor:
-    """The weight of each step in :func:`metarl.objectives.masked_mean` with ``reduction``."""
-    if reduction == "step":
-        return mask / mask.sum((-2, -1), keepdim=True).clamp(min=1.0)
-    return mask / mask.sum(-2, keepdim=True).clamp(min=1.0) / mask.shape[-1]
-
-
 def _fast_fisher_supported(policy, lr) -> bool:
     return (type(policy) is GaussianMLPPolicy and type(policy.mean) is MLP
             and policy.mean.activation in ("relu", "tanh") and isinstance(lr, (int, float)))
@@ -303,7 +296,7 @@ class _InnerCurvature:
     def __init__(self, policy, params: Params, episodes, adv: Tensor, reduction: str):
         self.net = net = _LinearizedMLP(policy, params, episodes.obs)
         T, A = episodes.actions.shape[0], episodes.actions.shape[-1]
-        c = (adv.detach() * _step_weights(episodes.mask, reduction)).reshape(T, -1, 1)  # loss = −Σ c · log π
+        c = (adv.detach() * step_weights(episodes.mask, reduction)).reshape(T, -1, 1)  # loss = −Σ c · log π
         self.r = episodes.actions.reshape(T, -1, A) - net.mean
         self.c_iv = c * net.inv_var
         self.deltas, self.gh_d2 = [None] * net.n, [None] * net.n
@@ -370,7 +363,7 @@ class _MAMLLinearization:
         T, A = self.n_tasks, valid.actions.shape[-1]
         actions = valid.actions.reshape(T, -1, A)
         logp = log_prob(net.mean, net.log_std.unsqueeze(1), actions)
-        wa = ((_step_weights(valid.mask, self.reduction) * adv.detach()).reshape(T, -1) / T) * torch.exp(logp - valid.log_probs.reshape(T, -1))
+        wa = ((step_weights(valid.mask, self.reduction) * adv.detach()).reshape(T, -1) / T) * torch.exp(logp - valid.log_probs.reshape(T, -1))
         loss = -wa.sum()
         r = actions - net.mean
         wa = wa.unsqueeze(-1)
@@ -381,7 +374,7 @@ class _MAMLLinearization:
     def fisher(self, valid):
         """v ↦ F_θ v (flat) for the mean over tasks of KL(π_φ_old ‖ π_φ(θ)) on ``valid``."""
         net = self._net(valid)
-        w = (_step_weights(valid.mask, self.reduction) / self.n_tasks).reshape(self.n_tasks, -1, 1)
+        w = (step_weights(valid.mask, self.reduction) / self.n_tasks).reshape(self.n_tasks, -1, 1)
         w_iv, w_log_std = w * net.inv_var, 2.0 * w.sum(1) * net.clamp_grad
 
         def product(vec: Tensor) -> Tensor:
