@@ -50,7 +50,9 @@ def cmd_evaluate(args) -> int:
     from .training import load_track
 
     overrides = list(getattr(args, "set", None) or []) + ([f"data.dir={args.data_dir}"] if getattr(args, "data_dir", None) else [])
-    track, cfg, iteration = load_track(args.run_dir, overrides)
+    at = getattr(args, "iteration", None)
+    track, cfg, iteration = load_track(args.run_dir, overrides, at)
+    out = Path(getattr(args, "out", None) or Path(args.run_dir) / "eval" / (f"iteration_{at}" if at is not None else ""))
     n = args.tasks if args.tasks is not None else cfg.eval.tasks
     steps = args.steps if args.steps is not None else (cfg.eval.steps if cfg.eval.steps is not None else cfg.inner.eval_steps)
     seed = args.seed if args.seed is not None else cfg.eval.seed
@@ -61,13 +63,12 @@ def cmd_evaluate(args) -> int:
         result = track.evaluate(n, steps, seed)
     finally:
         track.close()
-    data = evaluation.write(result, Path(args.run_dir) / "eval",
-                            title=f"{cfg.track}: {n} fresh tasks, after {iteration} meta-iterations")
+    data = evaluation.write(result, out, title=f"{cfg.track}: {n} fresh tasks, after {iteration} meta-iterations")
     print(f"{data['metric']} after 0..{steps} inner steps on {n} fresh tasks (mean ± 95% CI):")
     for name, d in data["methods"].items():
         cells = "  ".join(f"{m:.4g}±{c:.2g}" for m, c in zip(d["mean"], d["ci95"]))
         print(f"  {name:>9}: {cells}")
-    print(f"wrote {Path(args.run_dir) / 'eval' / 'adaptation.json'}")
+    print(f"wrote {out / 'adaptation.json'}")
     return 0
 
 
@@ -117,6 +118,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="evaluation-time override, e.g. --set sine_eval.k_shot=5")
     e.add_argument("--data-dir", help="dataset folder for image tracks (as in train)")
+    e.add_argument("--iteration", type=int, help="evaluate the snapshot of this iteration (train with --set snapshot_every=N); "
+                                                 "default: the latest checkpoint")
+    e.add_argument("--out", help="output folder (default RUN_DIR/eval, or RUN_DIR/eval/iteration_N with --iteration)")
     e.set_defaults(fn=cmd_evaluate)
     b = sub.add_parser("baselines", help="meta-RL: train the PPO pretrain/oracle baselines of a run")
     b.add_argument("run_dir")

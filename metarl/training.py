@@ -36,7 +36,7 @@ def check_finite(metrics: dict[str, float], iteration: int) -> None:
                             f"(--set outer.lr=..., --set inner.lr=...) and --resume from the last good checkpoint")
 
 
-RESUMABLE = ("iterations", "checkpoint_every", "log_every", "eval",
+RESUMABLE = ("iterations", "checkpoint_every", "snapshot_every", "log_every", "eval",
              "inner.eval_steps", "inner.eval_lr", "inner.eval_episodes",  # evaluation only
              "sampler", "outer.threads")  # speed only (a run moved to a free machine)
 
@@ -135,8 +135,12 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
                 if it % cfg.log_every == 0 or done == cfg.iterations:
                     logger.log(it, metrics)
                 logger.advance()
-                if done % cfg.checkpoint_every == 0 or done == cfg.iterations or stop.signal is not None:
-                    checkpoint.save(run_dir, _state(track, cfg, done, rng))
+                snap = cfg.snapshot_every > 0 and done % cfg.snapshot_every == 0
+                if snap or done % cfg.checkpoint_every == 0 or done == cfg.iterations or stop.signal is not None:
+                    state = _state(track, cfg, done, rng)
+                    checkpoint.save(run_dir, state)
+                    if snap:
+                        checkpoint.save_snapshot(run_dir, state)
                     last_saved = done
                 if stop.signal is not None:
                     raise KeyboardInterrupt(f"stopped by signal {stop.signal} after iteration {done}; "
@@ -153,12 +157,13 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
     return track  # the caller closes it (it may still evaluate with its workers)
 
 
-def load_track(run_dir: str | Path, overrides: list[str] | None = None):
-    """Rebuild a trained track from ``run_dir`` (config + latest checkpoint) for evaluation.
+def load_track(run_dir: str | Path, overrides: list[str] | None = None, iteration: int | None = None):
+    """Rebuild a trained track from ``run_dir`` (config + latest checkpoint, or the snapshot of
+    ``iteration``) for evaluation.
 
     ``overrides`` (``--set`` pairs) change evaluation-time settings, e.g. ``sine_eval.k_shot=5``
     to test a K=10-trained model with 5 support points."""
-    state = checkpoint.load(run_dir)
+    state = checkpoint.load(run_dir, iteration)
     cfg = configlib.from_dict(configlib.merge(state["config"], configlib.parse_overrides(overrides or [])))
     track = make_track(cfg)
     track.load_state_dict(state["track"])

@@ -34,6 +34,22 @@ def test_train_evaluate_plot(tmp_path):
     assert out.stat().st_size > 0
 
 
+def test_snapshots_evaluate_an_earlier_iteration(tmp_path):
+    rd = tmp_path / "run"
+    run("train", "experiments/sine_quick.yaml", "--set", "iterations=40", "--set", "snapshot_every=20", "--run-dir", str(rd))
+    assert sorted(p.name for p in (rd / "snapshots").iterdir()) == ["iteration_20.pt", "iteration_40.pt"]
+    means = {}
+    for it in (20, 40):
+        run("evaluate", str(rd), "--iteration", str(it), "--tasks", "10", "--steps", "2")
+        data = json.loads((rd / "eval" / f"iteration_{it}" / "adaptation.json").read_text())
+        means[it] = data["methods"]["maml"]["mean"]
+    assert means[20] != means[40]
+    run("evaluate", str(rd), "--tasks", "10", "--steps", "2", "--out", str(tmp_path / "latest"))
+    assert json.loads((tmp_path / "latest" / "adaptation.json").read_text())["methods"]["maml"]["mean"] == means[40]
+    p = run("evaluate", str(rd), "--iteration", "30", check=False)
+    assert p.returncode == 2 and "no snapshot of iteration 30" in p.stderr and "available: 20, 40" in p.stderr
+
+
 def test_user_errors_are_one_line(tmp_path):
     p = run("train", "experiments/sine_quick.yaml", "--set", "outer.lrr=1", "--run-dir", str(tmp_path / "x"), check=False)
     assert p.returncode == 2

@@ -68,6 +68,21 @@ def test_refuses_to_overwrite_and_rejects_changed_config_on_resume(tmp_path):
         train(sine_cfg(iterations=10, inner={"lr": 0.5}), tmp_path, resume=True, tensorboard=False)
 
 
+def test_snapshot_holds_the_state_of_a_run_that_stopped_there(tmp_path):
+    train(sine_cfg(iterations=20, snapshot_every=5), tmp_path / "long", tensorboard=False).close()
+    assert checkpoint.snapshots(tmp_path / "long") == [5, 10, 15, 20]
+    train(sine_cfg(iterations=15), tmp_path / "short", tensorboard=False).close()
+    snap, _, it = load_track(tmp_path / "long", iteration=15)
+    short, _, _ = load_track(tmp_path / "short")
+    assert it == 15
+    for k, v in params(short).items():
+        assert torch.equal(params(snap)[k], v), k
+    latest, _, _ = load_track(tmp_path / "long")
+    assert any(not torch.equal(params(latest)[k], v) for k, v in params(short).items())
+    with pytest.raises(checkpoint.CheckpointError, match="no snapshot of iteration 7.*available: 5, 10, 15, 20"):
+        load_track(tmp_path / "long", iteration=7)
+
+
 def test_speed_only_settings_may_change_on_resume():
     from metarl.training import _resumable
 

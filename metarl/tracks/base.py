@@ -31,13 +31,16 @@ class RunConfig:
     iterations: int = 1000
     """Meta-training iterations (outer updates)."""
     checkpoint_every: int = 500
+    snapshot_every: int = 0
+    """Also keep the state every N iterations as RUN_DIR/snapshots/iteration_N.pt (0 = never), to
+    evaluate earlier iterations: ``metarl evaluate RUN_DIR --iteration N``."""
     log_every: int = 50
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self):
         from ..config import ConfigError
-        if self.iterations < 0 or self.checkpoint_every < 1 or self.log_every < 1:
-            raise ConfigError("iterations must be >= 0, checkpoint_every and log_every >= 1")
+        if self.iterations < 0 or self.checkpoint_every < 1 or self.log_every < 1 or self.snapshot_every < 0:
+            raise ConfigError("iterations must be >= 0, checkpoint_every and log_every >= 1, snapshot_every >= 0")
 
 
 class Track:
