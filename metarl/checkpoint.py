@@ -40,23 +40,26 @@ def restore_rng(state: dict, np_rng: np.random.Generator) -> None:
 SNAPSHOTS = "snapshots"
 
 
-def _write(target: Path, state: dict[str, Any]) -> None:
+def _written_beside(target: Path, state: dict[str, Any]) -> Path:
+    """``state`` fully written and synced to a temporary file next to ``target``, for an atomic rename."""
     tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
     with open(tmp, "wb") as fh:
         torch.save({"format": FORMAT, **state}, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    if target.exists() and target.name == LATEST:
-        os.replace(target, target.parent / PREVIOUS)
-    os.replace(tmp, target)
+    return tmp
 
 
 def save(run_dir: str | Path, state: dict[str, Any]) -> Path:
     """Atomically write ``run_dir/checkpoint.pt``; the one it replaces becomes ``checkpoint.prev.pt``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write(run_dir / LATEST, state)
-    return run_dir / LATEST
+    target = run_dir / LATEST
+    tmp = _written_beside(target, state)
+    if target.exists():
+        os.replace(target, run_dir / PREVIOUS)
+    os.replace(tmp, target)
+    return target
 
 
 def snapshot_path(run_dir: str | Path, iteration: int) -> Path:
@@ -68,7 +71,7 @@ def save_snapshot(run_dir: str | Path, state: dict[str, Any]) -> Path:
     report fixed iterations, e.g. MAML's HalfCheetahDir model is its iteration 100)."""
     path = snapshot_path(run_dir, state["iteration"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, state)
+    os.replace(_written_beside(path, state), path)
     return path
 
 
