@@ -42,12 +42,15 @@ REDUCTIONS = ("episode", "step")
 
 def step_weights(mask: Tensor, reduction: str = "episode") -> Tensor:
     """The weight of each step in :func:`masked_mean`: [..., Tmax, B], zero on padded steps and
-    summing to 1 per task (to less when whole episodes are empty under "episode"). The closed-form
-    TRPO products (:mod:`metarl.algorithms.maml_trpo`) weight their terms with it too."""
+    summing to 1 per task. Under "episode", empty episodes (no valid step: the padding of tasks
+    with fewer episodes, see ``Collector.collect_timesteps``) are left out of the episode count.
+    The closed-form TRPO products (:mod:`metarl.algorithms.maml_trpo`) weight their terms with it too."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction '{reduction}': choose one of {REDUCTIONS}")
     if reduction == "episode":
-        return mask / mask.sum(-2, keepdim=True).clamp(min=1.0) / mask.shape[-1]
+        per_episode = mask.sum(-2, keepdim=True)
+        n_episodes = (per_episode > 0).sum(-1, keepdim=True).clamp(min=1).to(mask.dtype)
+        return mask / per_episode.clamp(min=1.0) / n_episodes
     return mask / mask.sum((-2, -1), keepdim=True).clamp(min=1.0)
 
 
@@ -58,7 +61,7 @@ def masked_mean(x: Tensor, mask: Tensor, reduction: str = "episode") -> Tensor:
     followed by ``.mean()``: each episode is averaged over its own valid steps, then the episodes
     are averaged. ``reduction="step"`` is Σ mask·x / Σ mask, every valid step weighted equally
     (rllab, the MAML paper's code). The two coincide when all episodes have the same length
-    (fixed-horizon tasks). An episode with no valid step contributes 0 under "episode".
+    (fixed-horizon tasks). Episodes with no valid step are left out under "episode".
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction '{reduction}': choose one of {REDUCTIONS}")

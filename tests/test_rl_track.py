@@ -118,3 +118,30 @@ def test_per_step_evaluation_step_sizes():
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=0)
     assert any(not torch.equal(moved[k], one[k]) for k in one)
+
+
+def test_evaluation_with_a_timestep_budget():
+    """inner.eval_timesteps (the paper's 4,000-step test batches) sizes every evaluation batch in
+    steps: each task's batch at each inner step holds at least that many, in whole episodes."""
+    from metarl.algorithms.maml_trpo import collect_adapted
+    from metarl.functional import params_of
+    from metarl.tracks.rl import RLTrack
+
+    cfg = nav_cfg(inner={"lr": 0.1, "episodes": 4, "eval_timesteps": 250},
+                  env={"id": "metarl/Navigation2D-v0", "kwargs": {"normalize_actions": True, "goal_radius": 0.2}})
+    track = RLTrack(cfg)
+    try:
+        tasks = track.task_env.sample_tasks(4, np.random.default_rng(0))
+        data, _, _ = collect_adapted(track.policy, track.collector, params_of(track.policy), tasks, 4,
+                                     cfg.advantages, 2, 0.5, seed=3, timesteps=250)
+        result = track.evaluate(n_tasks=4, steps=2, seed=0)
+    finally:
+        track.close()
+    for eps, adv in data:
+        assert (eps.lengths.sum(-1) >= 250).all()
+        assert (eps.lengths.sum(-1) - eps.lengths.max(-1).values < 250).all()
+        assert adv.shape == eps.rewards.shape and (adv[eps.mask == 0] == 0).all()
+    curve = result.curves["maml"]
+    assert curve.shape == (4, 3) and np.isfinite(curve).all()
+    with pytest.raises(Exception, match="eval_timesteps"):
+        nav_cfg(inner={"eval_timesteps": -5})

@@ -269,3 +269,47 @@ def test_a_task_wrapped_gymnasium_env_takes_the_generic_path():
         assert not c.fast_path
         ep = c.collect(policy, None, [{"g": 5.0}, {"g": 15.0}], 2, seed=0)
     assert ep.obs.shape == (2, 15, 2, 3) and ep.lengths.eq(15).all() and torch.isfinite(ep.returns).all()
+
+
+def test_timestep_budget_equals_episode_count_when_no_episode_ends_early():
+    """With a fixed horizon, a budget of k·horizon steps is k episodes: the same batch as
+    collect(k) at the same seed, bit for bit."""
+    kw = {"goal_radius": None, "horizon": 30}
+    with Collector(NAV, kw, n_workers=0) as c:
+        by_steps = c.collect_timesteps(nav_policy(), None, NAV_TASKS, 100, seed=5)  # ceil(100/30) = 4
+        by_count = c.collect(nav_policy(), None, NAV_TASKS, 4, seed=5)
+    assert_same(by_steps, by_count)
+    assert by_steps.episode_counts.tolist() == [4, 4]
+
+
+def test_timestep_budget_gives_each_task_whole_episodes_up_to_its_budget():
+    """rllab's batch_size: per task, whole episodes until the step count reaches the budget;
+    tasks whose episodes end early get more of them, the others are padded with empty ones."""
+    from metarl.objectives import masked_mean
+
+    kw = {"goal_radius": 0.3, "horizon": 30}
+    tasks = [{"goal": [0.05, 0.0]}, {"goal": [0.45, -0.45]}]  # inside the goal box at once / far
+    budget = 200
+    with Collector(NAV, kw, n_workers=0) as c:
+        ep = c.collect_timesteps(nav_policy(), None, tasks, budget, seed=1)
+    counts = ep.episode_counts
+    steps = ep.lengths.sum(-1)
+    assert counts[0] > counts[1] and int(counts.max()) == ep.episodes_per_task
+    for i in range(2):
+        n = int(counts[i])
+        lengths = ep.lengths[i]
+        assert (lengths[:n] > 0).all() and (lengths[n:] == 0).all()
+        assert steps[i] >= budget and steps[i] - lengths[n - 1] < budget  # minimal: whole episodes
+        assert ep.mask[i, :, n:].sum() == 0 and ep.returns[i, n:].abs().sum() == 0
+        torch.testing.assert_close(ep.mean_returns()[i], ep.returns[i, :n].mean())
+        # the padding changes no loss: per-episode averages over the task's own episodes only
+        x = torch.randn(ep.max_length, n, dtype=ep.rewards.dtype)
+        padded = torch.cat([x, torch.zeros(ep.max_length, ep.episodes_per_task - n, dtype=x.dtype)], 1)
+        for reduction in ("episode", "step"):
+            torch.testing.assert_close(masked_mean(padded, ep.mask[i], reduction), masked_mean(x, ep.mask[i, :, :n], reduction))
+
+
+def test_timestep_budget_rejects_a_non_positive_budget():
+    with Collector(NAV, NAV_KW, n_workers=0) as c:
+        with pytest.raises(ValueError, match="positive int"):
+            c.collect_timesteps(nav_policy(), None, NAV_TASKS, 0)

@@ -50,6 +50,10 @@ class RLInnerConfig:
     """Episodes per task per inner step (and for the post-update data)."""
     eval_episodes: Optional[int] = None
     """Episodes per task per step at evaluation (null = episodes)."""
+    eval_timesteps: Optional[int] = None
+    """At evaluation, collect whole episodes per task per step until it holds at least this many
+    steps (rllab's batch_size; the paper's 2D-navigation test: 4000), instead of eval_episodes.
+    Adapted policies that end episodes early then get more episodes, as in the paper."""
     first_order: bool = False
 
 
@@ -134,8 +138,10 @@ def step_sizes(lr: Union[float, Sequence[float]], steps: int) -> list[float]:
 
 
 def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_cfg: AdvantageConfig,
-                    steps: int, lr: Union[float, Sequence[float]], seed: int):
-    """Episodes before and after each of ``steps`` inner steps (``lr``: see :func:`step_sizes`).
+                    steps: int, lr: Union[float, Sequence[float]], seed: int, timesteps: Optional[int] = None):
+    """Episodes before and after each of ``steps`` inner steps (``lr``: see :func:`step_sizes`),
+    ``episodes`` per task per step, or with ``timesteps`` whole episodes until each task holds at
+    least that many steps (:meth:`Collector.collect_timesteps`).
 
     Returns ([(episodes, advantages) at θ, φ1, ..., φ_steps], the last φ detached, seconds spent
     sampling and adapting)."""
@@ -144,7 +150,10 @@ def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_
     timing = {"sample": 0.0, "adapt": 0.0}
     for s in range(steps + 1):
         t0 = time.perf_counter()
-        eps = collector.collect(policy, params, tasks, episodes, seed=seed * 1000 + s)
+        if timesteps is None:
+            eps = collector.collect(policy, params, tasks, episodes, seed=seed * 1000 + s)
+        else:
+            eps = collector.collect_timesteps(policy, params, tasks, timesteps, seed=seed * 1000 + s)
         t1 = time.perf_counter()
         adv = advantages(eps, adv_cfg)
         out.append((eps, adv))
@@ -421,7 +430,7 @@ def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: Advanta
     theta = {k: p for k, p in policy.named_parameters()}
     data, phi_old, timing = collect_adapted(policy, collector, theta, tasks, inner.episodes, adv_cfg, inner.steps, inner.lr, seed)
     train, (valid, valid_adv) = data[:-1], data[-1]
-    metrics = {"return/pre": data[0][0].returns.mean().item(), "return/post": valid.returns.mean().item()}
+    metrics = {"return/pre": data[0][0].mean_returns().mean().item(), "return/post": valid.mean_returns().mean().item()}
     metrics.update({f"time/{k}": v for k, v in timing.items()})
     t_outer = time.perf_counter()
     if outer.optimizer == "trpo":

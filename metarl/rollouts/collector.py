@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from ..functional import forward_tasks
 from . import mujoco_batch
-from .episodes import Episodes
+from .episodes import Episodes, join_tasks
 
 __all__ = ["Collector", "EnvOutputError", "episode_seeds"]
 
@@ -683,6 +683,49 @@ class Collector:
 
         return self._episodes(obs_buf, act_buf, rew_buf, mask_buf, term_buf, logp_buf, info_buf, last_obs, lengths,
                               t, n_tasks, n_eps, dtype, tasks, seed)
+
+    def collect_timesteps(self, policy: nn.Module, params: Optional[Mapping[str, Tensor]],
+                          tasks: Sequence[Mapping[str, Any]], timesteps: int, seed: Optional[int] = None) -> Episodes:
+        """Whole episodes per task until each task holds at least ``timesteps`` steps.
+
+        This is how rllab sizes a batch (``batch_size`` in timesteps, whole paths), and so how the
+        MAML paper's test scripts adapted: 4,000 steps per gradient step on 2D navigation, where
+        an adapted policy reaches the goal early and 4,000 steps hold many more episodes than an
+        unadapted one's. Collection runs in rounds of :meth:`collect`: the first collects
+        ``ceil(timesteps / max_episode_steps)`` episodes for every task (enough when no episode
+        ends early; the result then equals ``collect`` with that count and the same seed), each
+        later one only for the tasks still short, as many episodes as their mean length says they
+        need. Surplus episodes past the budget are dropped (:func:`~metarl.rollouts.episodes.join_tasks`),
+        so tasks hold different numbers of episodes, the shorter ones padded with empty episodes;
+        :meth:`Episodes.mean_returns` and the losses leave those out.
+        """
+        if isinstance(timesteps, bool) or not isinstance(timesteps, (int, np.integer)) or timesteps < 1:
+            raise ValueError(f"timesteps must be a positive int, got {timesteps!r}")
+        tasks = [dict(t) for t in tasks]
+        n = len(tasks)
+        if n == 0:
+            raise ValueError("collect_timesteps needs at least one task: pass env.sample_tasks(T, rng)")
+        seed = secrets.randbits(62) if seed is None else seed
+        stacked = self._stacked_params(policy, params, n)
+        pieces: list[list[Episodes]] = [[] for _ in range(n)]
+        steps, episodes = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        need = np.arange(n)
+        per_task = -(-int(timesteps) // self.max_episode_steps)
+        for round_ in range(10_000):
+            if round_:
+                per_task = int(np.max(np.ceil((timesteps - steps[need]) * episodes[need] / steps[need])))
+            round_seed = seed if round_ == 0 else int(np.random.SeedSequence([seed, round_]).generate_state(1, np.uint64)[0] >> 2)
+            idx = torch.from_numpy(need)
+            batch = self.collect(policy, {k: v[idx] for k, v in stacked.items()}, [tasks[i] for i in need],
+                                 max(per_task, 1), seed=round_seed)
+            for j, i in enumerate(need):
+                pieces[i].append(batch.task(j))
+            steps[need] += batch.lengths.sum(-1).numpy()
+            episodes[need] += batch.episodes_per_task
+            need = need[steps[need] < timesteps]
+            if need.size == 0:
+                break
+        return join_tasks(pieces, timesteps, tasks=tasks, seed=seed, env_id=self.env_id)
 
     def _episodes(self, obs_buf, act_buf, rew_buf, mask_buf, term_buf, logp_buf, info_buf, last_obs, lengths, t_max,
                   n_tasks, n_eps, dtype, tasks, seed) -> Episodes:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Episodes"]
+__all__ = ["Episodes", "join_tasks"]
 
 # per-step fields [T, Tmax, B, ...] and per-episode fields [T, B, ...]
 _STEP_FIELDS = ("obs", "actions", "rewards", "mask", "terminated", "log_probs")
@@ -103,6 +103,17 @@ class Episodes:
         return int(self.obs.shape[1])
 
     @property
+    def episode_counts(self) -> Tensor:
+        """[T] int64, episodes per task that hold at least one step. Equal to B unless tasks
+        have different episode counts (:meth:`Collector.collect_timesteps`), which pads the
+        shorter tasks with empty episodes."""
+        return (self.lengths > 0).sum(-1)
+
+    def mean_returns(self) -> Tensor:
+        """[T], the average undiscounted return over each task's (non-empty) episodes."""
+        return self.returns.sum(-1) / self.episode_counts.clamp(min=1).to(self.returns.dtype)
+
+    @property
     def n_steps(self) -> int:
         """Total number of valid env steps in the batch (what a sampler's throughput counts)."""
         return int(self.lengths.sum())
@@ -148,3 +159,58 @@ class Episodes:
         return (f"Episodes(env={self.env_id!r}, tasks={self.n_tasks}, episodes_per_task={self.episodes_per_task}, "
                 f"max_length={self.max_length}, steps={self.n_steps}, obs_dim={self.obs.shape[-1]}, "
                 f"act_dim={self.actions.shape[-1]}, infos={sorted(self.infos)})")
+
+
+def _pad_to(x: Tensor, dim: int, size: int) -> Tensor:
+    """Zero-pad ``x`` along ``dim`` to ``size`` (False for bool tensors)."""
+    if x.shape[dim] >= size:
+        return x
+    shape = list(x.shape)
+    shape[dim] = size - x.shape[dim]
+    return torch.cat([x, x.new_zeros(shape)], dim)
+
+
+def join_tasks(per_task: list[list[Episodes]], timesteps: Optional[int] = None, **meta: Any) -> Episodes:
+    """One batch from per-task lists of single-task batches (``n_tasks == 1`` each, e.g.
+    ``batch.task(j)`` of several collections), the lists joined along the episode axis.
+
+    With ``timesteps``, each task keeps its first episodes up to and including the one that
+    brings its step count to ``timesteps`` (rllab's ``batch_size``: whole episodes, at least that
+    many steps), and drops the rest. Tasks then hold different numbers of episodes: the shorter
+    ones are padded with empty episodes (length 0, mask 0, return 0), which the losses, the
+    baseline, :meth:`Episodes.mean_returns` and ``step_weights(..., "episode")`` leave out.
+    ``meta`` sets ``tasks``, ``seed`` and ``env_id`` of the result."""
+    if not per_task or any(not pieces for pieces in per_task):
+        raise ValueError("join_tasks needs at least one batch for every task")
+    t_max = max(p.max_length for pieces in per_task for p in pieces)
+    joined = []
+    for pieces in per_task:
+        if any(p.n_tasks != 1 for p in pieces):
+            raise ValueError("join_tasks takes single-task batches: pass batch.task(j)")
+        parts = {name: torch.cat([_pad_to(getattr(p, name), 1, t_max) for p in pieces], 2) for name in _STEP_FIELDS}
+        parts.update({name: torch.cat([getattr(p, name) for p in pieces], 1) for name in ("returns", "lengths")})
+        parts["last_obs"] = (None if any(p.last_obs is None for p in pieces)
+                             else torch.cat([p.last_obs for p in pieces], 1))
+        parts["infos"] = {k: torch.cat([_pad_to(p.infos[k], 1, t_max) for p in pieces], 2) for k in pieces[0].infos}
+        if timesteps is not None:
+            before = parts["lengths"][0].cumsum(0) - parts["lengths"][0]  # steps before each episode
+            keep = int((before < timesteps).sum())
+            for name in _STEP_FIELDS:
+                parts[name] = parts[name][:, :, :keep]
+            for name in ("returns", "lengths"):
+                parts[name] = parts[name][:, :keep]
+            if parts["last_obs"] is not None:
+                parts["last_obs"] = parts["last_obs"][:, :keep]
+            parts["infos"] = {k: v[:, :, :keep] for k, v in parts["infos"].items()}
+        joined.append(parts)
+    b_max = max(int(parts["lengths"].shape[1]) for parts in joined)
+    out: dict[str, Any] = {}
+    for name in _STEP_FIELDS:
+        out[name] = torch.cat([_pad_to(parts[name], 2, b_max) for parts in joined], 0)
+    for name in ("returns", "lengths"):
+        out[name] = torch.cat([_pad_to(parts[name], 1, b_max) for parts in joined], 0)
+    out["last_obs"] = (None if any(parts["last_obs"] is None for parts in joined)
+                       else torch.cat([_pad_to(parts["last_obs"], 1, b_max) for parts in joined], 0))
+    out["infos"] = {k: torch.cat([_pad_to(parts["infos"][k], 2, b_max) for parts in joined], 0)
+                    for k in joined[0]["infos"]}
+    return Episodes(**out, **meta)

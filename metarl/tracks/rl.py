@@ -96,6 +96,10 @@ class RLConfig(RunConfig):
                               ": register it with gymnasium.register (see README, 'Your own environment')"))
         if self.meta_batch < 1 or self.inner.episodes < 1:
             raise ConfigError("meta_batch and inner.episodes must be >= 1")
+        for key in ("eval_episodes", "eval_timesteps"):
+            value = getattr(self.inner, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"inner.{key} must be >= 1 (or null for the default), got {value}")
 
 
 class RLTrack(Track):
@@ -164,15 +168,17 @@ class RLTrack(Track):
         curves, data_by_method = {}, {}
         for name, policy in self.modules.items():
             data, _, _ = collect_adapted(policy, self.collector, params_of(policy), tasks,
-                                      cfg.inner.eval_episodes or cfg.inner.episodes, cfg.advantages, steps, lr, seed)
-            curves[name] = np.stack([eps.returns.mean(-1).numpy() for eps, _ in data], axis=1)
+                                      cfg.inner.eval_episodes or cfg.inner.episodes, cfg.advantages, steps, lr, seed,
+                                      timesteps=cfg.inner.eval_timesteps)
+            curves[name] = np.stack([eps.mean_returns().numpy() for eps, _ in data], axis=1)
             data_by_method[name] = data
         if self.run_dir is not None and self.baseline_path("pretrain").exists():
             from .. import rl_baselines as rb
             policy = rb.ppo_to_gaussian_policy(rb.load_baseline(self.baseline_path("pretrain")), self._new_policy())
             data, _, _ = collect_adapted(policy, self.collector, params_of(policy), tasks,
-                                      cfg.inner.eval_episodes or cfg.inner.episodes, cfg.advantages, steps, lr, seed)
-            curves["pretrain"] = np.stack([eps.returns.mean(-1).numpy() for eps, _ in data], axis=1)
+                                      cfg.inner.eval_episodes or cfg.inner.episodes, cfg.advantages, steps, lr, seed,
+                                      timesteps=cfg.inner.eval_timesteps)
+            curves["pretrain"] = np.stack([eps.mean_returns().numpy() for eps, _ in data], axis=1)
         if self.run_dir is not None and self.baseline_path("oracle").exists():
             from .. import rl_baselines as rb
             ret = rb.oracle_returns(rb.load_baseline(self.baseline_path("oracle")), cfg.env.id, cfg.env.kwargs, tasks,
