@@ -72,7 +72,25 @@ grouped conv, channels-last, all 32 tasks  0.40       1.34
 im2col (``unfold`` + ``bmm``)              0.40-0.59  4.1-6.9
 =========================================  =========  =========
 
-Final (``benchmarks/omniglot_speed.py``, 7 repeats; peak RSS growth over two iterations):
+Two fixes measured later (2026-11, idle machine, ``benchmarks/omniglot_speed.py --no-memory
+--variants engine,loop``, medians of 9 interleaved repeats): (1) with one task per chunk (Q=15:
+75 query images) the input has one channel, for which ``.contiguous(memory_format=channels_last)``
+keeps NCHW strides; oneDNN then computed the first layer in NCHW and every query forward paid
+two full-activation copies (16% of the profile). The input is now written into channels-last
+memory explicitly. (2) The conv bias is left out of the convolution (batch norm cancels it) and
+joins the logits as 0·b. Result, loop/engine:
+
+===================  ===========  ===========
+threads              Q=1          Q=15
+===================  ===========  ===========
+2 (the default run)  1.93-2.09x   1.55-1.60x
+1                    1.53x        1.29x
+===================  ===========  ===========
+
+Before the two fixes the same command gave 1.83-1.85x / 1.47-1.50x on 2 threads. The earlier
+single-thread tables above and below are kept for the record of what was tried.
+
+Earlier final table (single thread, 7 repeats; peak RSS growth over two iterations):
 
 ===========================  ================================  ================================
 variant                      Q=1: s, loop/variant, peak RSS    Q=15: s, loop/variant, peak RSS
@@ -83,16 +101,14 @@ engine with vmap fallback    0.33-0.38, 1.10-1.21x, +290 MB    1.79-2.37, 0.47-0
 vmap(grad): wrong gradient   0.29-0.35, 1.20-1.37x, +387 MB    1.76-2.59, 0.44-0.60x, +1268 MB
 ===========================  ================================  ================================
 
-The 1.5x target is not met: 1.40-1.49x at Q=1, 1.20-1.26x at Q=15. At Q=15 the convolutions alone
-are ~62% of the loop's time (profiled) and both paths do the same convolution FLOPs; the engine's
-convolutions are already the faster ones (per-task channels-last), and what is left is
-memory-bound elementwise work that both do. The allocator matters on a loaded machine: glibc hands
-the engine's large freed tensors back to the OS and page-faults them in again every iteration;
-the benchmark's ``--tune-malloc`` (keep freed memory) cut its system time from 28 s to 16 s and
-the engine's Q=15 time from 0.94 to 0.84 s, with the ratios above within run-to-run noise. ``torch.compile`` was rejected: compiling a one-layer conv+BN
+At Q=15 the convolutions are most of the loop's time and both paths do the same convolution
+FLOPs; what is left is memory-bound elementwise work that both do. The allocator matters on a
+loaded machine: glibc hands the engine's large freed tensors back to the OS and page-faults them
+in again every iteration; the benchmark's ``--tune-malloc`` (keep freed memory) cut its system
+time from 28 s to 16 s. ``torch.compile`` was rejected: compiling a one-layer conv+BN
 function took 31 s and its double backward raises "torch.compile with aot_autograd does not
-currently support double backward". Two threads on this shared 2-core machine slowed every
-variant 5-30x (oversubscription), so all numbers are single-threaded.
+currently support double backward". Two threads on a loaded 2-core machine slow every
+variant 5-30x (oversubscription); on an idle one they help, as the first table shows.
 """
 from __future__ import annotations
 
@@ -208,19 +224,29 @@ class Conv4(nn.Module):
         """c tasks at once: tasks are convolution groups, activations channels-last, so that
         [N, H, W, c·out] memory is a matrix whose columns are (task, channel) pairs."""
         c, n = x.shape[:2]
-        h = x.transpose(0, 1).reshape(n, c * self.in_channels, self.image_size, self.image_size)
-        h = h.contiguous(memory_format=torch.channels_last)
+        # [N, H, W, c·C] memory seen as [N, c·C, H, W]: channels-last strides by construction. (With
+        # c·C = 1, .contiguous(memory_format=channels_last) and reshapes keep NCHW strides, oneDNN
+        # then answers in NCHW and every layer pays two full copies: 16% of a Q=15 meta-iteration.)
+        size = self.image_size
+        h = x.new_empty(n, size, size, c * self.in_channels).permute(0, 3, 1, 2)
+        h.copy_(x.transpose(0, 1).reshape(n, c * self.in_channels, size, size))
         for i, block in enumerate(self.blocks):
             w = params[f"blocks.{i}.conv.weight"]  # [c, out, in, 3, 3]: task t's filters become group t
-            y = F.conv2d(h, w.reshape(c * self.hidden, *w.shape[2:]), params[f"blocks.{i}.conv.bias"].reshape(-1),
-                         stride=block.conv.stride, padding=1, groups=c)
+            # no conv bias here: batch norm subtracts each channel's batch mean right after, which
+            # cancels it exactly; adding it costs an elementwise pass and a backward reduction per
+            # layer for nothing (~5% of a Q=15 meta-iteration). It joins the logits as 0·b below.
+            y = F.conv2d(h, w.reshape(c * self.hidden, *w.shape[2:]), None, stride=block.conv.stride, padding=1, groups=c)
             hh, ww = y.shape[-2:]
             m = y.permute(0, 2, 3, 1).reshape(n * hh * ww, c * self.hidden)  # a view when y is channels-last
             m = F.batch_norm(m, None, None, params[f"blocks.{i}.norm.weight"].reshape(-1),
                              params[f"blocks.{i}.norm.bias"].reshape(-1), training=True, eps=block.norm.eps)
-            h = F.relu(m).reshape(n, hh, ww, c * self.hidden).permute(0, 3, 1, 2)
+            h = F.relu(m, inplace=True).reshape(n, hh, ww, c * self.hidden).permute(0, 3, 1, 2)  # BN's backward keeps its input, not its output
             if self.pooling == "max":
                 h = F.max_pool2d(h, 2)
         # per task, flatten in forward's order (channel, row, column)
         feats = h.reshape(n, c, -1).transpose(0, 1)  # [c, N, out·s·s]
-        return torch.baddbmm(params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2))
+        logits = torch.baddbmm(params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2))
+        # the conv biases' exact (zero) contribution, so that they stay in the graph and
+        # autograd returns their gradient as zeros, as for forward, rather than "unused"
+        cancelled = sum(params[f"blocks.{i}.conv.bias"].sum(-1) for i in range(len(self.blocks)))
+        return logits + (0.0 * cancelled)[:, None, None]
