@@ -25,7 +25,7 @@ high-water mark across fork+exec, which made every delta read 0 when the parent 
 ``--tune-malloc`` reruns everything with glibc told to keep freed memory (MALLOC_MMAP_THRESHOLD_=32 MB,
 MALLOC_TRIM_THRESHOLD_=1 GB): the engine's larger tensors otherwise pay page faults every iteration
 on a loaded machine (see the docstring of policies/conv4.py for the measured effect).
-Run: .venv/bin/python benchmarks/omniglot_speed.py [--repeats 7] [--threads 1] [--q 1,15] [--tune-malloc]
+Run: .venv/bin/python benchmarks/omniglot_speed.py [--repeats 7] [--threads 2] [--q 1,15] [--tune-malloc]
 """
 from __future__ import annotations
 
@@ -160,7 +160,8 @@ def peak_memory(variant, q, threads, chunk):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7, help="timed meta-iterations per variant and Q")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the machine is shared: 1 is the least noisy)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2: both cores of the reference "
+                    "machine, as training uses them; pause other jobs first, a loaded machine makes 2 threads erratic)")
     ap.add_argument("--q", default="1,15", help="query images per class, comma-separated")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     ap.add_argument("--chunk", type=int, default=None, help="override Conv4.task_chunk (tasks per grouped convolution)")
