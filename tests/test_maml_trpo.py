@@ -20,8 +20,9 @@ float64 = pytest.mark.usefixtures("float64")  # conftest: float64 default dtype,
 T, TMAX, B, OBS, ACT = 3, 6, 4, 3, 2
 
 
-def _episodes(policy, params, gen, lengths=True):
-    """Episodes [T, Tmax, B] sampled from the per-task ``params``, some of them cut short."""
+def _episodes(policy, params, gen, lengths=True, empty=False):
+    """Episodes [T, Tmax, B] sampled from the per-task ``params``, some of them cut short; with
+    ``empty``, some are empty (the padding of tasks with fewer episodes, Collector.collect_timesteps)."""
     obs = torch.randn(T, TMAX, B, OBS, generator=gen)
     with torch.no_grad():
         mean, log_std = policy.forward_tasks(params, obs)
@@ -32,11 +33,14 @@ def _episodes(policy, params, gen, lengths=True):
         mask[0, 4:, 1] = 0
         mask[2, 2:, 3] = 0
         mask[1, 1:, 0] = 0
+    if empty:
+        mask[0, :, 3] = 0
+        mask[2, :, 2:] = 0
     adv = torch.randn(T, TMAX, B, generator=gen) * mask
     return SimpleNamespace(obs=obs, actions=actions, mask=mask, log_probs=logp), adv
 
 
-def _problem(seed=0, activation="relu", steps=1, first_order=False, clamp=False, reduction="episode"):
+def _problem(seed=0, activation="relu", steps=1, first_order=False, clamp=False, reduction="episode", empty=False):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     policy = GaussianMLPPolicy(OBS, ACT, hidden=(6, 5), activation=activation, init_std=0.8, min_std=0.3)
@@ -48,11 +52,11 @@ def _problem(seed=0, activation="relu", steps=1, first_order=False, clamp=False,
     params = F.stack(F.detached(theta), T)
     train = []
     for _ in range(steps):
-        eps, adv = _episodes(policy, params, gen)
+        eps, adv = _episodes(policy, params, gen, empty=empty)
         train.append((eps, adv))
         with torch.no_grad():
             params = adapt_on(policy, params, [(eps, adv)], inner.lr, reduction=reduction)
-    valid, valid_adv = _episodes(policy, params, gen)
+    valid, valid_adv = _episodes(policy, params, gen, empty=empty)
     return policy, theta, train, valid, valid_adv, params, inner
 
 
@@ -61,6 +65,7 @@ CASES = [dict(activation=a, steps=s, first_order=fo, clamp=c)
                              ("tanh", 2, False, False), ("relu", 1, True, False), ("tanh", 2, True, True),
                              ("relu", 0, False, True)]]  # 0 inner steps: plain TRPO
 CASES += [dict(CASES[i], reduction="step") for i in (1, 2, 4)]  # rllab's weighting of the steps
+CASES += [dict(CASES[2], empty=True), dict(CASES[2], empty=True, reduction="step")]  # tasks with fewer episodes
 
 
 @float64
@@ -202,3 +207,23 @@ def test_advantage_normalisation_follows_the_configured_reduction():
     for r, adv in out.items():
         torch.testing.assert_close(adv, normalize_advantages(raw, mask, reduction=r))
     assert not torch.allclose(out["episode"], out["step"])
+
+
+def test_meta_update_with_batches_sized_in_timesteps():
+    """inner.timesteps: every task's pre- and post-update batch holds at least that many steps in
+    whole episodes (different episode counts per task), and the TRPO step still respects the KL
+    bound and agrees between the closed form and autograd."""
+    out = {}
+    for fisher in ("autograd", "closed_form"):
+        torch.manual_seed(0)
+        policy = GaussianMLPPolicy(2, 2, hidden=(32, 32))
+        tasks = [{"goal": [0.05, 0.0]}, {"goal": [0.4, 0.4]}, {"goal": [-0.1, 0.05]}]
+        with Collector("metarl/Navigation2D-v0", {"goal_radius": 0.2, "horizon": 30}, n_workers=0) as col:
+            m = meta_update(policy, col, tasks, RLInnerConfig(lr=0.1, timesteps=120), AdvantageConfig(),
+                            RLOuterConfig(fisher=fisher, cg_iters=3), seed=3)
+        assert m["trpo/accepted"] == 1.0 and 0 < m["trpo/kl"] <= 0.01
+        assert math.isfinite(m["return/pre"]) and math.isfinite(m["return/post"])
+        out[fisher] = flat(F.detached(F.params_of(policy)))
+    torch.manual_seed(0)
+    t0 = flat(F.detached(F.params_of(GaussianMLPPolicy(2, 2, hidden=(32, 32)))))
+    assert (out["closed_form"] - out["autograd"]).norm() <= 1e-4 * (out["autograd"] - t0).norm()

@@ -48,6 +48,10 @@ class RLInnerConfig:
     (the paper's 2D-navigation test used 0.5 and then a smaller step, see experiments/nav2d.yaml)."""
     episodes: int = 20
     """Episodes per task per inner step (and for the post-update data)."""
+    timesteps: Optional[int] = None
+    """Meta-training batches sized in steps instead: whole episodes per task until it holds at
+    least this many (the paper's code collects 20 x 100 = 2,000 steps per task on 2D navigation,
+    so a policy that reaches the goal early contributes more episodes). null = ``episodes``."""
     eval_episodes: Optional[int] = None
     """Episodes per task per step at evaluation (null = episodes)."""
     eval_timesteps: Optional[int] = None
@@ -428,7 +432,8 @@ def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: Advanta
                 seed: int, optimizer=None) -> dict[str, float]:
     """One meta-iteration: sample, adapt, sample again, outer step on θ. Returns diagnostics."""
     theta = {k: p for k, p in policy.named_parameters()}
-    data, phi_old, timing = collect_adapted(policy, collector, theta, tasks, inner.episodes, adv_cfg, inner.steps, inner.lr, seed)
+    data, phi_old, timing = collect_adapted(policy, collector, theta, tasks, inner.episodes, adv_cfg, inner.steps, inner.lr,
+                                            seed, timesteps=inner.timesteps)
     train, (valid, valid_adv) = data[:-1], data[-1]
     metrics = {"return/pre": data[0][0].mean_returns().mean().item(), "return/post": valid.mean_returns().mean().item()}
     metrics.update({f"time/{k}": v for k, v in timing.items()})

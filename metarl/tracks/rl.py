@@ -96,7 +96,7 @@ class RLConfig(RunConfig):
                               ": register it with gymnasium.register (see README, 'Your own environment')"))
         if self.meta_batch < 1 or self.inner.episodes < 1:
             raise ConfigError("meta_batch and inner.episodes must be >= 1")
-        for key in ("eval_episodes", "eval_timesteps"):
+        for key in ("timesteps", "eval_episodes", "eval_timesteps"):
             value = getattr(self.inner, key)
             if value is not None and value < 1:
                 raise ConfigError(f"inner.{key} must be >= 1 (or null for the default), got {value}")
