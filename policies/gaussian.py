@@ -25,6 +25,7 @@ from torch.distributions import Independent, Normal
 from .mlp import MLP
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+INITS = ("torch", "xavier")  # nn.Linear's default (Kaiming-uniform) or Xavier-uniform weights with zero biases
 
 
 class GaussianMLPPolicy(nn.Module):
@@ -36,14 +37,20 @@ class GaussianMLPPolicy(nn.Module):
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (100, 100),
-                 activation: str = "relu", init_std: float = 1.0, min_std: float = 1e-6):
+                 activation: str = "relu", init_std: float = 1.0, min_std: float = 1e-6, init: str = "torch"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"unknown init '{init}': choose one of {INITS}")
         if init_std <= 0 or min_std <= 0:
             raise ValueError(f"init_std ({init_std}) and min_std ({min_std}) must be > 0: pass positive standard deviations")
         if init_std < min_std:
             raise ValueError(f"init_std {init_std} is below min_std {min_std}: raise init_std or lower min_std")
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.mean = MLP(obs_dim, act_dim, hidden=hidden, activation=activation)
+        if init == "xavier":  # the MAML paper's code (rllab) and pytorch-maml-rl: Xavier weights, zero biases
+            for layer in self.mean.layers:
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
         self.log_std = nn.Parameter(torch.full((act_dim,), math.log(init_std)))
         self.min_log_std = math.log(min_std)
 

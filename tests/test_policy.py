@@ -137,3 +137,19 @@ def test_surrogate_at_old_policy_has_reinforce_gradient():
     g_surr, = torch.autograd.grad(surr.sum(), lp)
     g_rf, = torch.autograd.grad(reinforce_loss(lp, adv, mask).sum(), lp)
     assert torch.allclose(g_surr, g_rf)
+
+
+def test_xavier_init_option():
+    """policy.init "xavier" (the paper's code): zero biases, weights within the Xavier-uniform bound."""
+    torch.manual_seed(0)
+    pol = GaussianMLPPolicy(3, 2, hidden=(50, 40), init="xavier")
+    for layer in pol.mean.layers:
+        fan_out, fan_in = layer.weight.shape
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        assert torch.count_nonzero(layer.bias) == 0
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+    torch.manual_seed(0)
+    default = GaussianMLPPolicy(3, 2, hidden=(50, 40))
+    assert torch.count_nonzero(default.mean.layers[0].bias) > 0
+    with pytest.raises(ValueError, match="unknown init"):
+        GaussianMLPPolicy(3, 2, init="orthogonal")

@@ -40,6 +40,9 @@ class PolicyConfig:
     hidden: list[int] = field(default_factory=lambda: [100, 100])
     activation: Literal["relu", "tanh"] = "relu"
     init_std: float = 1.0
+    init: Literal["torch", "xavier"] = "torch"
+    """Mean-network initialisation: "torch" (nn.Linear's default) or "xavier" (Xavier-uniform
+    weights, zero biases: the MAML paper's code and pytorch-maml-rl)."""
 
 
 @dataclass
@@ -113,7 +116,8 @@ class RLTrack(Track):
         self.task_env = find_task_env(probe)  # the TaskEnv may be a wrapper (TaskWrapper), not .unwrapped
         obs_dim = int(np.prod(probe.observation_space.shape))
         act_dim = int(np.prod(probe.action_space.shape))
-        mk = lambda: GaussianMLPPolicy(obs_dim, act_dim, cfg.policy.hidden, cfg.policy.activation, cfg.policy.init_std)
+        mk = lambda: GaussianMLPPolicy(obs_dim, act_dim, cfg.policy.hidden, cfg.policy.activation, cfg.policy.init_std,
+                                       init=cfg.policy.init)
         self.policy = mk()
         self.modules["maml"] = self.policy
         if "random" in cfg.baselines:
