@@ -170,6 +170,15 @@ def _pad_to(x: Tensor, dim: int, size: int) -> Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim)
 
 
+def _by_axis(ep: Episodes) -> dict[str, tuple[Tensor, int]]:
+    """Every tensor of ``ep`` with its episode axis: 2 for per-step fields and infos ([T, Tmax, B,
+    ...]), 1 for per-episode fields ([T, B, ...]); infos keyed ``infos.<name>``."""
+    out = {name: (getattr(ep, name), 2) for name in _STEP_FIELDS}
+    out.update({name: (getattr(ep, name), 1) for name in _EPISODE_FIELDS if getattr(ep, name) is not None})
+    out.update({f"infos.{k}": (v, 2) for k, v in ep.infos.items()})
+    return out
+
+
 def join_tasks(per_task: list[list[Episodes]], timesteps: Optional[int] = None, **meta: Any) -> Episodes:
     """One batch from per-task lists of single-task batches (``n_tasks == 1`` each, e.g.
     ``batch.task(j)`` of several collections), the lists joined along the episode axis.
@@ -182,35 +191,21 @@ def join_tasks(per_task: list[list[Episodes]], timesteps: Optional[int] = None, 
     ``meta`` sets ``tasks``, ``seed`` and ``env_id`` of the result."""
     if not per_task or any(not pieces for pieces in per_task):
         raise ValueError("join_tasks needs at least one batch for every task")
+    if any(p.n_tasks != 1 for pieces in per_task for p in pieces):
+        raise ValueError("join_tasks takes single-task batches: pass batch.task(j)")
     t_max = max(p.max_length for pieces in per_task for p in pieces)
     joined = []
     for pieces in per_task:
-        if any(p.n_tasks != 1 for p in pieces):
-            raise ValueError("join_tasks takes single-task batches: pass batch.task(j)")
-        parts = {name: torch.cat([_pad_to(getattr(p, name), 1, t_max) for p in pieces], 2) for name in _STEP_FIELDS}
-        parts.update({name: torch.cat([getattr(p, name) for p in pieces], 1) for name in ("returns", "lengths")})
-        parts["last_obs"] = (None if any(p.last_obs is None for p in pieces)
-                             else torch.cat([p.last_obs for p in pieces], 1))
-        parts["infos"] = {k: torch.cat([_pad_to(p.infos[k], 1, t_max) for p in pieces], 2) for k in pieces[0].infos}
+        fields = [_by_axis(p) for p in pieces]
+        parts = {name: torch.cat([_pad_to(f[name][0], 1, t_max) if axis == 2 else f[name][0] for f in fields], axis)
+                 for name, (_, axis) in fields[0].items()}
         if timesteps is not None:
-            before = parts["lengths"][0].cumsum(0) - parts["lengths"][0]  # steps before each episode
-            keep = int((before < timesteps).sum())
-            for name in _STEP_FIELDS:
-                parts[name] = parts[name][:, :, :keep]
-            for name in ("returns", "lengths"):
-                parts[name] = parts[name][:, :keep]
-            if parts["last_obs"] is not None:
-                parts["last_obs"] = parts["last_obs"][:, :keep]
-            parts["infos"] = {k: v[:, :, :keep] for k, v in parts["infos"].items()}
+            lengths = parts["lengths"][0]
+            keep = int(((lengths.cumsum(0) - lengths) < timesteps).sum())  # episodes that start under budget
+            parts = {name: x.narrow(fields[0][name][1], 0, keep) for name, x in parts.items()}
         joined.append(parts)
+    axes = {name: axis for name, (_, axis) in _by_axis(per_task[0][0]).items()}
     b_max = max(int(parts["lengths"].shape[1]) for parts in joined)
-    out: dict[str, Any] = {}
-    for name in _STEP_FIELDS:
-        out[name] = torch.cat([_pad_to(parts[name], 2, b_max) for parts in joined], 0)
-    for name in ("returns", "lengths"):
-        out[name] = torch.cat([_pad_to(parts[name], 1, b_max) for parts in joined], 0)
-    out["last_obs"] = (None if any(parts["last_obs"] is None for parts in joined)
-                       else torch.cat([_pad_to(parts["last_obs"], 1, b_max) for parts in joined], 0))
-    out["infos"] = {k: torch.cat([_pad_to(parts["infos"][k], 2, b_max) for parts in joined], 0)
-                    for k in joined[0]["infos"]}
-    return Episodes(**out, **meta)
+    out = {name: torch.cat([_pad_to(parts[name], axis, b_max) for parts in joined], 0) for name, axis in axes.items()}
+    infos = {name[len("infos."):]: out.pop(name) for name in list(out) if name.startswith("infos.")}
+    return Episodes(**out, infos=infos, **meta)
