@@ -80,12 +80,12 @@ two full-activation copies (16% of the profile). The input is now written into c
 memory explicitly. (2) The conv bias is left out of the convolution (batch norm cancels it) and
 joins the logits as 0·b. Result, loop/engine:
 
-===================  ===========  ===========
+===================  ===========  ===================================
 threads              Q=1          Q=15
-===================  ===========  ===========
-2 (the default run)  1.93-2.09x   1.55-1.60x
+===================  ===========  ===================================
+2 (the default run)  1.57-2.09x   1.43-1.60x (median of 5 runs 1.55x)
 1                    1.53x        1.29x
-===================  ===========  ===========
+===================  ===========  ===================================
 
 Before the two fixes the same command gave 1.83-1.85x / 1.47-1.50x on 2 threads. The earlier
 single-thread tables above and below are kept for the record of what was tried.
