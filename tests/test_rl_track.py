@@ -145,3 +145,26 @@ def test_evaluation_with_a_timestep_budget():
     assert curve.shape == (4, 3) and np.isfinite(curve).all()
     with pytest.raises(Exception, match="eval_timesteps"):
         nav_cfg(inner={"eval_timesteps": -5})
+
+
+def test_evaluation_with_the_rllab_protocol():
+    """inner.eval_protocol: rllab collects the test batches as the paper's sampler did
+    (Collector.collect_timesteps(lockstep=True)); it needs eval_timesteps."""
+    from metarl.tracks.rl import RLTrack
+
+    kw = {"normalize_actions": True, "goal_radius": 0.2}
+    cfg = nav_cfg(inner={"lr": 0.1, "episodes": 4, "eval_timesteps": 250, "eval_protocol": "rllab"},
+                  env={"id": "metarl/Navigation2D-v0", "kwargs": kw})
+    track = RLTrack(cfg)
+    calls = []
+    original = track.collector.collect_timesteps
+    track.collector.collect_timesteps = lambda *a, **k: calls.append(k["lockstep"]) or original(*a, **k)
+    try:
+        result = track.evaluate(n_tasks=3, steps=1, seed=0)
+    finally:
+        track.close()
+    assert calls and all(calls) and result.curves["maml"].shape == (3, 2) and np.isfinite(result.curves["maml"]).all()
+    with pytest.raises(Exception, match="set inner.eval_timesteps"):
+        nav_cfg(inner={"eval_protocol": "rllab"}, env={"id": "metarl/Navigation2D-v0", "kwargs": kw})
+    with pytest.raises(Exception, match="eval_protocol"):
+        nav_cfg(inner={"eval_protocol": "lockstep", "eval_timesteps": 100})

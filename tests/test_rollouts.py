@@ -309,6 +309,67 @@ def test_timestep_budget_gives_each_task_whole_episodes_up_to_its_budget():
             torch.testing.assert_close(masked_mean(padded, ep.mask[i], reduction), masked_mean(x, ep.mask[i, :, :n], reduction))
 
 
+def rllab_vectorized_sampler(lengths: np.ndarray, budget: int) -> np.ndarray:
+    """rllab's VectorizedSampler loop, step by step: S slots, slot j plays episodes of lengths
+    lengths[:, j] back to back; after every step the finished episodes' lengths join the count;
+    stop once it reaches the budget. Returns the kept mask [R, S]."""
+    rounds, slots = lengths.shape
+    kept = np.zeros_like(lengths, dtype=bool)
+    current, elapsed, count = np.zeros(slots, int), np.zeros(slots, int), 0
+    while count < budget:
+        elapsed += 1
+        for j in range(slots):
+            if elapsed[j] == lengths[current[j], j]:
+                kept[current[j], j] = True
+                count += lengths[current[j], j]
+                current[j], elapsed[j] = current[j] + 1, 0
+    return kept
+
+
+def test_lockstep_selection_reproduces_rllabs_vectorized_sampler():
+    from metarl.rollouts.collector import lockstep_selection
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        slots, budget = int(rng.integers(1, 6)), int(rng.integers(1, 60))
+        lengths = rng.integers(1, 12, size=(40, slots))
+        want = rllab_vectorized_sampler(lengths, budget)
+        rounds = int(np.nonzero(want.any(1))[0].max()) + 1
+        got = None
+        for r in range(1, 41):  # the fewest rounds that decide it
+            got = lockstep_selection(torch.from_numpy(lengths[:r]), budget)
+            if got is not None:
+                break
+        assert got is not None and r >= rounds
+        assert np.array_equal(got.numpy(), want[:r]) and not want[r:].any()
+    # undecidable: a slot's known episodes end before the stopping step
+    assert lockstep_selection(torch.tensor([[2, 1]]), 3) is None
+    assert lockstep_selection(torch.tensor([[2, 1], [5, 1]]), 3).tolist() == [[True, True], [False, True]]
+    assert lockstep_selection(torch.tensor([[5, 5]]), 11) is None  # never reaches the budget
+
+
+def test_lockstep_batches_favour_short_episodes():
+    """collect_timesteps(lockstep=True): budget // horizon slots per task, at least the budget in
+    completed episodes, and the in-flight episodes dropped at the end are mostly the long ones,
+    so the kept episodes are shorter on average than an unbiased batch's."""
+    kw = {"goal_radius": 0.3, "horizon": 30}
+    tasks = [{"goal": [0.4, 0.0]}, {"goal": [0.0, -0.45]}]  # about 30% of the episodes time out
+    with Collector(NAV, kw, n_workers=0) as c:
+        lock = c.collect_timesteps(nav_policy(), None, tasks, 120, seed=3, lockstep=True)
+        plain = c.collect_timesteps(nav_policy(), None, tasks, 3000, seed=3)
+    counts = lock.episode_counts
+    for i in range(2):
+        n = int(counts[i])
+        assert lock.lengths[i, :n].sum() >= 120 and (lock.lengths[i, :n] > 0).all() and (lock.lengths[i, n:] == 0).all()
+    mean_len = lambda ep: float(ep.lengths.sum() / ep.episode_counts.sum())
+    long_ = plain.lengths[plain.lengths > 0]
+    assert 0.1 < float((long_ == 30).float().mean()) < 0.9  # a real mixture of lengths
+    # averaged over many seeds, the lockstep batches hold shorter episodes than the unbiased rate
+    with Collector(NAV, kw, n_workers=0) as c:
+        locks = [c.collect_timesteps(nav_policy(), None, tasks, 120, seed=s, lockstep=True) for s in range(30)]
+    assert np.mean([mean_len(ep) for ep in locks]) < mean_len(plain) - 1.0
+
+
 def test_timestep_budget_rejects_a_non_positive_budget():
     with Collector(NAV, NAV_KW, n_workers=0) as c:
         with pytest.raises(ValueError, match="positive int"):

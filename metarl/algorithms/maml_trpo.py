@@ -58,6 +58,13 @@ class RLInnerConfig:
     """At evaluation, collect whole episodes per task per step until it holds at least this many
     steps (rllab's batch_size; the paper's 2D-navigation test: 4000), instead of eval_episodes.
     Adapted policies that end episodes early then get more episodes, as in the paper."""
+    eval_protocol: Literal["rounds", "rllab"] = "rounds"
+    """How eval_timesteps batches are collected. ``rounds``: whole episodes, unbiased (every
+    episode started is kept). ``rllab``: the paper's test sampler (rllab's VectorizedSampler;
+    :meth:`Collector.collect_timesteps` with ``lockstep=True``), eval_timesteps / horizon envs per
+    task in lock-step, stopped once the finished episodes hold eval_timesteps steps, the episodes
+    still running dropped. It over-weights short episodes, so it reads higher wherever some
+    episodes end early; use it to compare with the paper's numbers, not as the estimate."""
     first_order: bool = False
 
 
@@ -142,10 +149,11 @@ def step_sizes(lr: Union[float, Sequence[float]], steps: int) -> list[float]:
 
 
 def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_cfg: AdvantageConfig,
-                    steps: int, lr: Union[float, Sequence[float]], seed: int, timesteps: Optional[int] = None):
+                    steps: int, lr: Union[float, Sequence[float]], seed: int, timesteps: Optional[int] = None,
+                    lockstep: bool = False):
     """Episodes before and after each of ``steps`` inner steps (``lr``: see :func:`step_sizes`),
     ``episodes`` per task per step, or with ``timesteps`` whole episodes until each task holds at
-    least that many steps (:meth:`Collector.collect_timesteps`).
+    least that many steps (:meth:`Collector.collect_timesteps`; ``lockstep``: rllab's sampler).
 
     Returns ([(episodes, advantages) at θ, φ1, ..., φ_steps], the last φ detached, seconds spent
     sampling and adapting)."""
@@ -157,7 +165,7 @@ def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_
         if timesteps is None:
             eps = collector.collect(policy, params, tasks, episodes, seed=seed * 1000 + s)
         else:
-            eps = collector.collect_timesteps(policy, params, tasks, timesteps, seed=seed * 1000 + s)
+            eps = collector.collect_timesteps(policy, params, tasks, timesteps, seed=seed * 1000 + s, lockstep=lockstep)
         t1 = time.perf_counter()
         adv = advantages(eps, adv_cfg)
         out.append((eps, adv))

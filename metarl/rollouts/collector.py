@@ -118,6 +118,28 @@ def episode_seeds(seed: int, n_tasks: int, episodes_per_task: int) -> np.ndarray
     return out
 
 
+def lockstep_selection(lengths: Tensor, timesteps: int) -> Optional[Tensor]:
+    """Which episodes rllab's ``VectorizedSampler`` would keep, or None if ``lengths`` does not
+    reach far enough to tell.
+
+    ``lengths`` [R, S]: the lengths of S env slots' first R consecutive episodes. All slots step
+    together; slot j's r-th episode ends at step ``lengths[:r+1, j].sum()``. After each step the
+    sampler adds the lengths of the episodes that just ended to its count and stops once the count
+    reaches ``timesteps``; episodes still running are discarded. Returns a bool [R, S] mask of the
+    episodes ended by then. None if the R rounds end before the count is reached, or if some slot's
+    known episodes end before the stopping step (its next episode might still end in time)."""
+    ends = lengths.cumsum(0)
+    order = torch.argsort(ends.flatten(), stable=True)
+    counted = lengths.flatten()[order].cumsum(0)
+    reached = torch.nonzero(counted >= timesteps)
+    if reached.numel() == 0:
+        return None
+    stop = ends.flatten()[order][reached[0, 0]]  # the step at which the count first reaches the budget
+    if bool((ends[-1] < stop).any()):
+        return None
+    return ends <= stop  # every episode ending at the stopping step counts, as in rllab's loop
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -685,7 +707,8 @@ class Collector:
                               t, n_tasks, n_eps, dtype, tasks, seed)
 
     def collect_timesteps(self, policy: nn.Module, params: Optional[Mapping[str, Tensor]],
-                          tasks: Sequence[Mapping[str, Any]], timesteps: int, seed: Optional[int] = None) -> Episodes:
+                          tasks: Sequence[Mapping[str, Any]], timesteps: int, seed: Optional[int] = None,
+                          lockstep: bool = False) -> Episodes:
         """Whole episodes per task until each task holds at least ``timesteps`` steps.
 
         This is how rllab sizes a batch (``batch_size`` in timesteps, whole paths), and so how the
@@ -698,6 +721,15 @@ class Collector:
         need. Surplus episodes past the budget are dropped (:func:`~metarl.rollouts.episodes.join_tasks`),
         so tasks hold different numbers of episodes, the shorter ones padded with empty episodes;
         :meth:`Episodes.mean_returns` and the losses leave those out.
+
+        ``lockstep=True`` instead reproduces rllab's ``VectorizedSampler``, which measured the MAML
+        paper's test returns (:func:`lockstep_selection`): per task, ``timesteps //
+        max_episode_steps`` envs (1..100) run in lock-step, each starting a new episode when one
+        ends; collection stops at the first step at which the task's *completed* episodes hold
+        ``timesteps`` steps, and the episodes still running then are dropped. Those are more
+        often long ones (a long episode is more likely to be in flight), so the batch over-weights
+        short episodes: when some episodes end early (an adapted policy reaching the goal) its mean
+        return reads higher than the unbiased default's, and its gradient leans the same way.
         """
         if isinstance(timesteps, bool) or not isinstance(timesteps, (int, np.integer)) or timesteps < 1:
             raise ValueError(f"timesteps must be a positive int, got {timesteps!r}")
@@ -707,6 +739,8 @@ class Collector:
             raise ValueError("collect_timesteps needs at least one task: pass env.sample_tasks(T, rng)")
         seed = secrets.randbits(62) if seed is None else seed
         stacked = self._stacked_params(policy, params, n)
+        if lockstep:
+            return self._collect_lockstep(policy, stacked, tasks, int(timesteps), seed)
         pieces: list[list[Episodes]] = [[] for _ in range(n)]
         steps, episodes = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
         need = np.arange(n)
@@ -726,6 +760,27 @@ class Collector:
             if need.size == 0:
                 break
         return join_tasks(pieces, timesteps, tasks=tasks, seed=seed, env_id=self.env_id)
+
+    def _collect_lockstep(self, policy, stacked, tasks, timesteps: int, seed: int) -> Episodes:
+        """``collect_timesteps(lockstep=True)``: rounds of one episode per env slot (round r holds
+        each slot's r-th episode), for the tasks whose stopping step is not yet known."""
+        n, slots = len(tasks), max(1, min(timesteps // self.max_episode_steps, 100))  # rllab's n_envs
+        rounds: list[list[Episodes]] = [[] for _ in range(n)]
+        keep: list[Optional[Tensor]] = [None] * n
+        need = np.arange(n)
+        for round_ in range(10_000):
+            round_seed = int(np.random.SeedSequence([seed, round_]).generate_state(1, np.uint64)[0] >> 2)
+            idx = torch.from_numpy(need)
+            batch = self.collect(policy, {k: v[idx] for k, v in stacked.items()}, [tasks[i] for i in need], slots,
+                                 seed=round_seed)
+            for j, i in enumerate(need):
+                rounds[i].append(batch.task(j))
+                keep[i] = lockstep_selection(torch.stack([b.lengths[0] for b in rounds[i]]), timesteps)
+            need = np.array([i for i in need if keep[i] is None], dtype=np.int64)
+            if need.size == 0:
+                break
+        per_task = [[join_tasks([r]).select(torch.nonzero(keep[i].flatten()).flatten())] for i, r in enumerate(rounds)]
+        return join_tasks(per_task, tasks=[dict(t) for t in tasks], seed=seed, env_id=self.env_id)
 
     def _episodes(self, obs_buf, act_buf, rew_buf, mask_buf, term_buf, logp_buf, info_buf, last_obs, lengths, t_max,
                   n_tasks, n_eps, dtype, tasks, seed) -> Episodes:

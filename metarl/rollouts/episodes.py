@@ -135,6 +135,12 @@ class Episodes:
         kwargs["tasks"] = [self.tasks[i]] if self.tasks else []
         return replace(self, **kwargs)
 
+    def select(self, episodes: Tensor) -> "Episodes":
+        """The episodes at indices ``episodes`` (1-D int tensor) of every task, in that order."""
+        parts = {name: x.index_select(axis, episodes) for name, (x, axis) in _by_axis(self).items()}
+        infos = {name[len("infos."):]: parts.pop(name) for name in list(parts) if name.startswith("infos.")}
+        return replace(self, **parts, infos=infos)
+
     def to(self, *args, **kwargs) -> "Episodes":
         """Move / cast every tensor (``Tensor.to`` semantics); integer and bool fields keep their
         dtype when a floating dtype is given, so ``lengths`` and ``terminated`` stay usable."""

@@ -103,6 +103,8 @@ class RLConfig(RunConfig):
             value = getattr(self.inner, key)
             if value is not None and value < 1:
                 raise ConfigError(f"inner.{key} must be >= 1 (or null for the default), got {value}")
+        if self.inner.eval_protocol == "rllab" and self.inner.eval_timesteps is None:
+            raise ConfigError("inner.eval_protocol 'rllab' sizes test batches in steps: set inner.eval_timesteps too (the paper: 4000)")
 
 
 class RLTrack(Track):
@@ -173,7 +175,7 @@ class RLTrack(Track):
         for name, policy in self.modules.items():
             data, _, _ = collect_adapted(policy, self.collector, params_of(policy), tasks,
                                       cfg.inner.eval_episodes or cfg.inner.episodes, cfg.advantages, steps, lr, seed,
-                                      timesteps=cfg.inner.eval_timesteps)
+                                      timesteps=cfg.inner.eval_timesteps, lockstep=cfg.inner.eval_protocol == "rllab")
             curves[name] = np.stack([eps.mean_returns().numpy() for eps, _ in data], axis=1)
             data_by_method[name] = data
         if self.run_dir is not None and self.baseline_path("pretrain").exists():
@@ -181,7 +183,7 @@ class RLTrack(Track):
             policy = rb.ppo_to_gaussian_policy(rb.load_baseline(self.baseline_path("pretrain")), self._new_policy())
             data, _, _ = collect_adapted(policy, self.collector, params_of(policy), tasks,
                                       cfg.inner.eval_episodes or cfg.inner.episodes, cfg.advantages, steps, lr, seed,
-                                      timesteps=cfg.inner.eval_timesteps)
+                                      timesteps=cfg.inner.eval_timesteps, lockstep=cfg.inner.eval_protocol == "rllab")
             curves["pretrain"] = np.stack([eps.mean_returns().numpy() for eps, _ in data], axis=1)
         if self.run_dir is not None and self.baseline_path("oracle").exists():
             from .. import rl_baselines as rb
