@@ -56,15 +56,25 @@ def cmd_evaluate(args) -> int:
     n = args.tasks if args.tasks is not None else cfg.eval.tasks
     steps = args.steps if args.steps is not None else (cfg.eval.steps if cfg.eval.steps is not None else cfg.inner.eval_steps)
     seed = args.seed if args.seed is not None else cfg.eval.seed
-    if n < 2 or steps < 0:
-        raise SystemExit("metarl: error: --tasks must be >= 2 (for a confidence interval) and --steps >= 0")
-    torch.manual_seed(seed)
+    tasks_file = getattr(args, "tasks_file", None)
     try:
-        result = track.evaluate(n, steps, seed)
+        tasks = None
+        if tasks_file:
+            if not hasattr(track, "load_tasks"):
+                raise SystemExit(f"metarl: error: --tasks-file is for meta-RL runs; track '{cfg.track}' draws its tasks by --seed")
+            if args.tasks is not None:
+                raise SystemExit("metarl: error: --tasks and --tasks-file exclude each other: the file sets the tasks")
+            tasks = track.load_tasks(tasks_file)
+            n = len(tasks)
+        if n < 2 or steps < 0:
+            raise SystemExit("metarl: error: --tasks must be >= 2 (for a confidence interval) and --steps >= 0")
+        torch.manual_seed(seed)
+        result = track.evaluate(n, steps, seed) if tasks is None else track.evaluate(n, steps, seed, tasks=tasks)
     finally:
         track.close()
-    data = evaluation.write(result, out, title=f"{cfg.track}: {n} fresh tasks, after {iteration} meta-iterations")
-    print(f"{data['metric']} after 0..{steps} inner steps on {n} fresh tasks (mean ± 95% CI):")
+    which = f"the {n} tasks of {tasks_file}" if tasks_file else f"{n} fresh tasks"
+    data = evaluation.write(result, out, title=f"{cfg.track}: {which}, after {iteration} meta-iterations")
+    print(f"{data['metric']} after 0..{steps} inner steps on {which} (mean ± 95% CI):")
     for name, d in data["methods"].items():
         cells = "  ".join(f"{m:.4g}±{c:.2g}" for m, c in zip(d["mean"], d["ci95"]))
         print(f"  {name:>9}: {cells}")
@@ -115,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", type=int, help="number of fresh evaluation tasks (default: config eval.tasks)")
     e.add_argument("--steps", type=int, help="inner steps 0..K on the curve (default: config)")
     e.add_argument("--seed", type=int, help="seed of the evaluation tasks (default: config eval.seed)")
+    e.add_argument("--tasks-file", help="meta-RL: evaluate on the tasks of this JSON file instead of fresh ones "
+                                        "(e.g. experiments/nav2d_paper_goals.json, the MAML paper's 40 test goals)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="evaluation-time override, e.g. --set sine_eval.k_shot=5")
     e.add_argument("--data-dir", help="dataset folder for image tracks (as in train)")

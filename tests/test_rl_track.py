@@ -75,6 +75,18 @@ def test_cli_evaluate_writes_return_contract(tmp_path):
     pre = data["methods"]["pretrain"]["mean"]
     assert pre[0] != pre[1]                              # the converted PPO policy is adapted by the inner loop
     assert (rd / "eval" / "trajectories.png").stat().st_size > 0
+    # a fixed task list instead of fresh tasks (e.g. the paper's 40 goals)
+    tasks = [{"goal": [0.3, -0.2]}, {"goal": [-0.1, 0.4]}, {"goal": [0.0, 0.25]}]
+    (tmp_path / "goals.json").write_text(json.dumps({"source": "hand-made", "tasks": tasks}))
+    p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks-file", str(tmp_path / "goals.json"),
+                        "--steps", "1", "--out", str(tmp_path / "fixed")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    data = json.loads((tmp_path / "fixed" / "adaptation.json").read_text())
+    assert data["n_tasks"] == 3 and "goals.json" in p.stdout
+    (tmp_path / "bad.json").write_text(json.dumps([{"goal": [0.3, -0.2]}, {"gaol": [0.1, 0.1]}]))
+    p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks-file", str(tmp_path / "bad.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "task 1" in p.stderr and "goal" in p.stderr and p.stderr.strip().count("\n") == 0
 
 
 def test_locomotion_evaluation_draws_velocity_traces(tmp_path):
@@ -145,6 +157,28 @@ def test_evaluation_with_a_timestep_budget():
     assert curve.shape == (4, 3) and np.isfinite(curve).all()
     with pytest.raises(Exception, match="eval_timesteps"):
         nav_cfg(inner={"eval_timesteps": -5})
+
+
+def test_tasks_file_holds_the_papers_test_goals(tmp_path):
+    """experiments/nav2d_paper_goals.json: the 40 goals of the paper's test script (numpy's
+    legacy RNG, seed 1); malformed files end with one line naming the file."""
+    from metarl.config import ConfigError
+    from metarl.tracks.rl import RLTrack
+
+    track = RLTrack(nav_cfg())
+    try:
+        tasks = track.load_tasks("experiments/nav2d_paper_goals.json")
+        np.random.seed(1)
+        np.testing.assert_array_equal(np.array([t["goal"] for t in tasks]), np.random.uniform(-0.5, 0.5, size=(40, 2)))
+        for text, match in [("[1, 2", "not readable JSON"), ('[{"goal": [0, 0]}]', "at least 2"),
+                            ('{"tasks": [{"goal": [0, 0]}, {"goal": [0, "x"]}]}', "task 1")]:
+            (tmp_path / "t.json").write_text(text)
+            with pytest.raises(ConfigError, match=match):
+                track.load_tasks(tmp_path / "t.json")
+        with pytest.raises(ConfigError, match="no such file"):
+            track.load_tasks(tmp_path / "missing.json")
+    finally:
+        track.close()
 
 
 def test_evaluation_with_the_rllab_protocol():

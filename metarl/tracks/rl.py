@@ -166,10 +166,36 @@ class RLTrack(Track):
         return meta_update(self.policy, self.collector, tasks, cfg.inner, cfg.advantages, cfg.outer, seed,
                            optimizer=self.optimizers.get("maml"))
 
-    def evaluate(self, n_tasks: int, steps: int, seed: int) -> EvalResult:
+    def load_tasks(self, path) -> list[dict]:
+        """Evaluation tasks from a JSON file (``metarl evaluate --tasks-file``): a list of task
+        dicts, or an object whose ``tasks`` key holds that list (other keys are free for notes on
+        where the tasks come from, e.g. experiments/nav2d_paper_goals.json). Each task is checked
+        by the env's ``set_task``; any problem ends with one line naming the file and the task."""
+        import json
+        from pathlib import Path
+
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"--tasks-file {path}: no such file") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--tasks-file {path}: not readable JSON ({e})") from None
+        tasks = data.get("tasks") if isinstance(data, dict) else data
+        if not isinstance(tasks, list) or len(tasks) < 2:
+            raise ConfigError(f"--tasks-file {path}: expected a JSON list of at least 2 task dicts "
+                              f"(or {{\"tasks\": [...]}}), e.g. [{self.task_env.example_task}, ...]")
+        for i, task in enumerate(tasks):
+            try:
+                self.task_env.set_task(task)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"--tasks-file {path}: task {i}: {e}") from None
+        return [dict(t) for t in tasks]
+
+    def evaluate(self, n_tasks: int, steps: int, seed: int, tasks: list[dict] | None = None) -> EvalResult:
+        """Adaptation curves on ``n_tasks`` fresh tasks drawn with ``seed``, or on ``tasks``."""
         cfg = self.cfg
-        rng = np.random.default_rng([seed, 1])
-        tasks = self.task_env.sample_tasks(n_tasks, rng)
+        if tasks is None:
+            tasks = self.task_env.sample_tasks(n_tasks, np.random.default_rng([seed, 1]))
         lr = cfg.inner.eval_lr if cfg.inner.eval_lr is not None else cfg.inner.lr
         curves, data_by_method = {}, {}
         for name, policy in self.modules.items():
