@@ -183,7 +183,7 @@ class RLTrack(Track):
         tasks = data.get("tasks") if isinstance(data, dict) else data
         if not isinstance(tasks, list) or len(tasks) < 2:
             raise ConfigError(f"--tasks-file {path}: expected a JSON list of at least 2 task dicts "
-                              f"(or {{\"tasks\": [...]}}), e.g. [{self.task_env.example_task}, ...]")
+                              f"(or {{\"tasks\": [...]}}), e.g. [{json.dumps(self.task_env.sample_tasks(1, np.random.default_rng(0))[0])}, ...]")
         for i, task in enumerate(tasks):
             try:
                 self.task_env.set_task(task)
