@@ -137,9 +137,8 @@ class Episodes:
 
     def select(self, episodes: Tensor) -> "Episodes":
         """The episodes at indices ``episodes`` (1-D int tensor) of every task, in that order."""
-        parts = {name: x.index_select(axis, episodes) for name, (x, axis) in _by_axis(self).items()}
-        infos = {name[len("infos."):]: parts.pop(name) for name in list(parts) if name.startswith("infos.")}
-        return replace(self, **parts, infos=infos)
+        fields_, infos = _split_infos({name: x.index_select(axis, episodes) for name, (x, axis) in _by_axis(self).items()})
+        return replace(self, **fields_, infos=infos)
 
     def to(self, *args, **kwargs) -> "Episodes":
         """Move / cast every tensor (``Tensor.to`` semantics); integer and bool fields keep their
@@ -185,6 +184,12 @@ def _by_axis(ep: Episodes) -> dict[str, tuple[Tensor, int]]:
     return out
 
 
+def _split_infos(parts: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The inverse of :func:`_by_axis`'s naming: (Episodes fields, infos) from one flat dict."""
+    infos = {name[len("infos."):]: x for name, x in parts.items() if name.startswith("infos.")}
+    return {name: x for name, x in parts.items() if not name.startswith("infos.")}, infos
+
+
 def join_tasks(per_task: list[list[Episodes]], timesteps: Optional[int] = None, **meta: Any) -> Episodes:
     """One batch from per-task lists of single-task batches (``n_tasks == 1`` each, e.g.
     ``batch.task(j)`` of several collections), the lists joined along the episode axis.
@@ -213,5 +218,5 @@ def join_tasks(per_task: list[list[Episodes]], timesteps: Optional[int] = None, 
     axes = {name: axis for name, (_, axis) in _by_axis(per_task[0][0]).items()}
     b_max = max(int(parts["lengths"].shape[1]) for parts in joined)
     out = {name: torch.cat([_pad_to(parts[name], axis, b_max) for parts in joined], 0) for name, axis in axes.items()}
-    infos = {name[len("infos."):]: out.pop(name) for name in list(out) if name.startswith("infos.")}
-    return Episodes(**out, infos=infos, **meta)
+    fields_, infos = _split_infos(out)
+    return Episodes(**fields_, infos=infos, **meta)
