@@ -78,6 +78,8 @@ def cmd_evaluate(args) -> int:
     for name, d in data["methods"].items():
         cells = "  ".join(f"{m:.4g}±{c:.2g}" for m, c in zip(d["mean"], d["ci95"]))
         print(f"  {name:>9}: {cells}")
+    for name, d in data.get("step_sizes", {}).items():
+        print(f"  {name:>9} step sizes chosen on {d['validation_tasks']} validation tasks: {d['chosen']}")
     print(f"wrote {out / 'adaptation.json'}")
     return 0
 

@@ -22,6 +22,7 @@ class EvalResult:
     higher_is_better: bool
     curves: dict[str, np.ndarray]    # method -> [n_tasks, steps + 1]
     figures: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # extra plots: name -> writer
+    extra: dict = field(default_factory=dict)  # more JSON-able facts for adaptation.json (e.g. chosen step sizes)
 
     @property
     def steps(self) -> list[int]:
@@ -46,7 +47,7 @@ def summary(result: EvalResult) -> dict:
         m, c = mean_ci95(vals)
         methods[name] = {"mean": m.tolist(), "ci95": c.tolist()}
     return {"metric": result.metric, "higher_is_better": result.higher_is_better,
-            "steps": result.steps, "n_tasks": result.n_tasks, "methods": methods}
+            "steps": result.steps, "n_tasks": result.n_tasks, "methods": methods, **result.extra}
 
 
 def write(result: EvalResult, out_dir: str | Path, title: str = "") -> dict:

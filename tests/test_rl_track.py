@@ -83,6 +83,14 @@ def test_cli_evaluate_writes_return_contract(tmp_path):
     assert p.returncode == 0, p.stderr
     data = json.loads((tmp_path / "fixed" / "adaptation.json").read_text())
     assert data["n_tasks"] == 3 and "goals.json" in p.stdout
+    # test step sizes chosen on validation tasks, for every adapted method (pretrain included)
+    p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks", "3", "--steps", "1",
+                        "--set", "inner.eval_lr_grid=[0.1,0.5]", "--set", "eval.validation_tasks=2", "--out", str(tmp_path / "grid")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    sizes = json.loads((tmp_path / "grid" / "adaptation.json").read_text())["step_sizes"]
+    assert set(sizes) == {"maml", "random", "pretrain"} and all(d["chosen"][0] in (0.1, 0.5) for d in sizes.values())
+    assert "step sizes chosen on 2 validation tasks" in p.stdout
     (tmp_path / "bad.json").write_text(json.dumps([{"goal": [0.3, -0.2]}, {"gaol": [0.1, 0.1]}]))
     p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks-file", str(tmp_path / "bad.json")],
                        capture_output=True, text=True, timeout=300)
@@ -202,3 +210,69 @@ def test_evaluation_with_the_rllab_protocol():
         nav_cfg(inner={"eval_protocol": "rllab"}, env={"id": "metarl/Navigation2D-v0", "kwargs": kw})
     with pytest.raises(Exception, match="eval_protocol"):
         nav_cfg(inner={"eval_protocol": "lockstep", "eval_timesteps": 100})
+
+
+def test_step_sizes_chosen_on_validation_tasks():
+    """select_step_sizes picks, step by step, the grid entry with the best validation return:
+    a one-size grid reproduces collect_adapted's curve exactly (same batches and seeds), a
+    candidate is scored on the same seed whatever the other candidates are, and on an untrained
+    policy a REINFORCE step beats standing still (step size 0)."""
+    import torch
+
+    from metarl.algorithms.maml_trpo import collect_adapted, select_step_sizes
+    from metarl.functional import params_of
+    from metarl.tracks.rl import RLTrack
+
+    cfg = nav_cfg(inner={"lr": 0.1, "episodes": 10})
+    track = RLTrack(cfg)
+    try:
+        tasks = track.task_env.sample_tasks(6, np.random.default_rng(11))
+        theta = params_of(track.policy)
+        kw = dict(episodes=10, adv_cfg=cfg.advantages, steps=2, seed=4)
+        data, _, _ = collect_adapted(track.policy, track.collector, theta, tasks, lr=0.5, **kw)
+        one, table_one = select_step_sizes(track.policy, track.collector, theta, tasks, grid=[0.5], **kw)
+        chosen, table = select_step_sizes(track.policy, track.collector, theta, tasks, grid=[0.0, 0.5], **kw)
+        with pytest.raises(ValueError, match="grid"):
+            select_step_sizes(track.policy, track.collector, theta, tasks, grid=[0.5, -0.1], **kw)
+    finally:
+        track.close()
+    assert one == [0.5, 0.5]
+    curve = [float(eps.mean_returns().mean()) for eps, _ in data]
+    assert [row[0] for row in table_one] == curve[1:]          # exactly collect_adapted's steps 1 and 2
+    assert table[0][1] == table_one[0][0]                      # same start, same seed: same score
+    assert len(table) == 2 and all(len(row) == 2 for row in table)
+    assert chosen == [[0.0, 0.5][int(np.argmax(row))] for row in table]
+    assert chosen[0] == 0.5 and table[0][1] > table[0][0] + 2, table   # one step of 0.5 helps an untrained policy
+    with pytest.raises(config.ConfigError, match="eval_lr_grid"):
+        nav_cfg(inner={"eval_lr_grid": [0.1, -1.0]})
+
+
+def test_evaluation_with_a_step_size_grid():
+    """inner.eval_lr_grid: every adapted method gets its step sizes from validation tasks drawn
+    apart from the test tasks, the curve is collect_adapted's with those sizes, and the choices
+    go to adaptation.json."""
+    from metarl import evaluation
+    from metarl.algorithms import maml_trpo
+    from metarl.functional import params_of
+    from metarl.tracks import rl as rl_track
+
+    cfg = nav_cfg(inner={"lr": 0.1, "episodes": 6, "eval_lr_grid": [0.05, 0.5]}, eval={"tasks": 4, "validation_tasks": 3})
+    track = rl_track.RLTrack(cfg)
+    seen = []
+    original = rl_track.select_step_sizes
+    rl_track.select_step_sizes = lambda policy, collector, theta, tasks, **k: seen.append(tasks) or original(policy, collector, theta, tasks, **k)
+    try:
+        result = track.evaluate(n_tasks=4, steps=2, seed=0)
+        test_tasks = track.task_env.sample_tasks(4, np.random.default_rng([0, 1]))
+        chosen = result.extra["step_sizes"]["maml"]["chosen"]
+        data, _, _ = maml_trpo.collect_adapted(track.policy, track.collector, params_of(track.policy), test_tasks, 6,
+                                               cfg.advantages, 2, chosen, 0)
+    finally:
+        rl_track.select_step_sizes = original
+        track.close()
+    assert len(seen) == 2 and all(len(t) == 3 and t != test_tasks[:3] for t in seen)   # maml and random, on validation tasks
+    sizes = result.extra["step_sizes"]
+    assert set(sizes) == {"maml", "random"} and all(len(d["chosen"]) == 2 and set(d["chosen"]) <= {0.05, 0.5} for d in sizes.values())
+    np.testing.assert_array_equal(result.curves["maml"], np.stack([e.mean_returns().numpy() for e, _ in data], axis=1))
+    summary = evaluation.summary(result)
+    assert summary["step_sizes"]["random"]["grid"] == [0.05, 0.5] and len(summary["step_sizes"]["maml"]["validation_returns"]) == 2

@@ -16,6 +16,7 @@ composes them.
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,6 +66,12 @@ class RLInnerConfig:
     task in lock-step, stopped once the finished episodes hold eval_timesteps steps, the episodes
     still running dropped. It over-weights short episodes, so it reads higher wherever some
     episodes end early; use it to compare with the paper's numbers, not as the estimate."""
+    eval_lr_grid: Optional[list[float]] = None
+    """Choose the test step sizes instead of fixing them: each evaluated method (maml, random,
+    pretrain) gets, step by step, the size from this grid with the highest mean return on
+    ``eval.validation_tasks`` fresh validation tasks (a seed stream disjoint from the test tasks;
+    :func:`select_step_sizes`); ``eval_lr`` is then ignored. The choices and every candidate's
+    validation return go to adaptation.json under ``step_sizes``. null = use ``eval_lr``."""
     first_order: bool = False
 
 
@@ -148,6 +155,13 @@ def step_sizes(lr: Union[float, Sequence[float]], steps: int) -> list[float]:
     return (lrs + lrs[-1:] * steps)[:steps]
 
 
+def _collect(collector, policy, params: Params, tasks, episodes: int, timesteps: Optional[int], lockstep: bool, seed: int):
+    """One evaluation batch: ``episodes`` per task, or whole episodes up to ``timesteps`` steps per task."""
+    if timesteps is None:
+        return collector.collect(policy, params, tasks, episodes, seed=seed)
+    return collector.collect_timesteps(policy, params, tasks, timesteps, seed=seed, lockstep=lockstep)
+
+
 def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_cfg: AdvantageConfig,
                     steps: int, lr: Union[float, Sequence[float]], seed: int, timesteps: Optional[int] = None,
                     lockstep: bool = False):
@@ -162,10 +176,7 @@ def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_
     timing = {"sample": 0.0, "adapt": 0.0}
     for s in range(steps + 1):
         t0 = time.perf_counter()
-        if timesteps is None:
-            eps = collector.collect(policy, params, tasks, episodes, seed=seed * 1000 + s)
-        else:
-            eps = collector.collect_timesteps(policy, params, tasks, timesteps, seed=seed * 1000 + s, lockstep=lockstep)
+        eps = _collect(collector, policy, params, tasks, episodes, timesteps, lockstep, seed * 1000 + s)
         t1 = time.perf_counter()
         adv = advantages(eps, adv_cfg)
         out.append((eps, adv))
@@ -174,6 +185,42 @@ def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_
         timing["sample"] += t1 - t0
         timing["adapt"] += time.perf_counter() - t1
     return out, params, timing
+
+
+def select_step_sizes(policy, collector, theta: Params, tasks, episodes: int, adv_cfg: AdvantageConfig,
+                      steps: int, grid: Sequence[float], seed: int, timesteps: Optional[int] = None,
+                      lockstep: bool = False) -> tuple[list[float], list[list[float]]]:
+    """Test-time step sizes chosen on validation ``tasks``, greedily, one inner step at a time.
+
+    MAML shapes θ for the step size it is trained with; later test steps start from φ_k, where the
+    same size can overshoot (2D navigation: the paper's second step of 0.25 overshoots far goals,
+    RESULTS.md). So, as the MAML paper picked its baselines' step sizes on validation tasks
+    (sec. 5.1), step k takes the size from ``grid`` whose adapted policy returns the most after
+    that step, given the sizes already chosen for steps 1..k−1. Every candidate of a step starts
+    from the same batch and gradient and is scored with the same sampling seed (common random
+    numbers: the comparison sees the step size, not the sampling noise); the chosen candidate's
+    batch is the next step's data. Batches and seeds are those of :func:`collect_adapted`, so a
+    one-size grid reproduces its curve. Returns (one size per step, the mean
+    validation return of every candidate: [steps][len(grid)])."""
+    if not grid or any(not math.isfinite(lr) or lr < 0 for lr in grid):
+        raise ValueError(f"step-size grid must be a non-empty list of finite sizes >= 0, got {list(grid)}")
+    params = stack({k: v.detach() for k, v in theta.items()}, len(tasks))
+    eps = _collect(collector, policy, params, tasks, episodes, timesteps, lockstep, seed * 1000)
+    chosen, table = [], []
+    for s in range(steps):
+        loss = inner_loss(policy, eps, advantages(eps, adv_cfg), adv_cfg.reduction)
+        best, row = None, []
+        for lr in grid:
+            candidate = inner_step(loss, params, float(lr))
+            batch = _collect(collector, policy, candidate, tasks, episodes, timesteps, lockstep,
+                             seed * 1000 + s + 1)  # common random numbers, as collect_adapted's step s+1
+            row.append(float(batch.mean_returns().mean()))
+            if best is None or row[-1] > best[0]:
+                best = (row[-1], float(lr), candidate, batch)
+        table.append(row)
+        chosen.append(best[1])
+        params, eps = best[2], best[3]
+    return chosen, table
 
 
 # --------------------------------------------------------------- exact Fisher-vector products

@@ -20,7 +20,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..algorithms.maml_trpo import (AdvantageConfig, RLInnerConfig, RLOuterConfig, collect_adapted, meta_update)
+from ..algorithms.maml_trpo import (AdvantageConfig, RLInnerConfig, RLOuterConfig, collect_adapted, meta_update,
+                                    select_step_sizes)
 from ..config import ConfigError, register_track
 from ..evaluation import EvalResult
 from ..functional import params_of
@@ -55,6 +56,8 @@ class SamplerConfig:
 class RLEvalConfig(EvalConfig):
     tasks: int = 40
     steps: int = 3
+    validation_tasks: int = 20
+    """Fresh tasks (their own seed stream) on which ``inner.eval_lr_grid`` picks test step sizes."""
 
 
 @dataclass
@@ -103,6 +106,11 @@ class RLConfig(RunConfig):
             value = getattr(self.inner, key)
             if value is not None and value < 1:
                 raise ConfigError(f"inner.{key} must be >= 1 (or null for the default), got {value}")
+        grid = self.inner.eval_lr_grid
+        if grid is not None and (not grid or any(not np.isfinite(lr) or lr < 0 for lr in grid)):
+            raise ConfigError(f"inner.eval_lr_grid must list step sizes >= 0, e.g. [0.05, 0.1, 0.25, 0.5], got {grid}")
+        if self.eval.validation_tasks < 1:
+            raise ConfigError(f"eval.validation_tasks must be >= 1, got {self.eval.validation_tasks}")
         if self.inner.eval_protocol == "rllab" and self.inner.eval_timesteps is None:
             raise ConfigError("inner.eval_protocol 'rllab' sizes test batches in steps: set inner.eval_timesteps too (the paper: 4000)")
 
@@ -192,31 +200,37 @@ class RLTrack(Track):
         return [dict(t) for t in tasks]
 
     def evaluate(self, n_tasks: int, steps: int, seed: int, tasks: list[dict] | None = None) -> EvalResult:
-        """Adaptation curves on ``n_tasks`` fresh tasks drawn with ``seed``, or on ``tasks``."""
+        """Adaptation curves on ``n_tasks`` fresh tasks drawn with ``seed``, or on ``tasks``.
+        With ``inner.eval_lr_grid`` each adapted method's step sizes are first chosen on
+        validation tasks drawn from a separate stream (never the test tasks)."""
         cfg = self.cfg
         if tasks is None:
             tasks = self.task_env.sample_tasks(n_tasks, np.random.default_rng([seed, 1]))
-        lr = cfg.inner.eval_lr if cfg.inner.eval_lr is not None else cfg.inner.lr
-        curves, data_by_method = {}, {}
-        for name, policy in self.modules.items():
-            data, _, _ = collect_adapted(policy, self.collector, params_of(policy), tasks,
-                                      cfg.inner.eval_episodes or cfg.inner.episodes, cfg.advantages, steps, lr, seed,
-                                      timesteps=cfg.inner.eval_timesteps, lockstep=cfg.inner.eval_protocol == "rllab")
-            curves[name] = np.stack([eps.mean_returns().numpy() for eps, _ in data], axis=1)
-            data_by_method[name] = data
+        adapted = dict(self.modules)
         if self.run_dir is not None and self.baseline_path("pretrain").exists():
             from .. import rl_baselines as rb
-            policy = rb.ppo_to_gaussian_policy(rb.load_baseline(self.baseline_path("pretrain")), self._new_policy())
-            data, _, _ = collect_adapted(policy, self.collector, params_of(policy), tasks,
-                                      cfg.inner.eval_episodes or cfg.inner.episodes, cfg.advantages, steps, lr, seed,
-                                      timesteps=cfg.inner.eval_timesteps, lockstep=cfg.inner.eval_protocol == "rllab")
-            curves["pretrain"] = np.stack([eps.mean_returns().numpy() for eps, _ in data], axis=1)
+            adapted["pretrain"] = rb.ppo_to_gaussian_policy(rb.load_baseline(self.baseline_path("pretrain")), self._new_policy())
+        batch = dict(episodes=cfg.inner.eval_episodes or cfg.inner.episodes, adv_cfg=cfg.advantages, seed=seed,
+                     timesteps=cfg.inner.eval_timesteps, lockstep=cfg.inner.eval_protocol == "rllab")
+        grid = cfg.inner.eval_lr_grid
+        validation = None if grid is None else self.task_env.sample_tasks(cfg.eval.validation_tasks,
+                                                                          np.random.default_rng([seed, 2]))
+        curves, data_by_method, chosen = {}, {}, {}
+        for name, policy in adapted.items():
+            lr = cfg.inner.eval_lr if cfg.inner.eval_lr is not None else cfg.inner.lr
+            if grid is not None and steps > 0:
+                lr, table = select_step_sizes(policy, self.collector, params_of(policy), validation, steps=steps, grid=grid, **batch)
+                chosen[name] = {"chosen": lr, "grid": list(grid), "validation_returns": table,
+                                "validation_tasks": len(validation)}
+            data, _, _ = collect_adapted(policy, self.collector, params_of(policy), tasks, steps=steps, lr=lr, **batch)
+            curves[name] = np.stack([eps.mean_returns().numpy() for eps, _ in data], axis=1)
+            data_by_method[name] = data
         if self.run_dir is not None and self.baseline_path("oracle").exists():
             from .. import rl_baselines as rb
             ret = rb.oracle_returns(rb.load_baseline(self.baseline_path("oracle")), cfg.env.id, cfg.env.kwargs, tasks,
                                     episodes=cfg.inner.eval_episodes or cfg.inner.episodes, seed=seed, clip_actions=False)
             curves["oracle"] = np.repeat(np.asarray(ret)[:, None], steps + 1, axis=1)
-        result = EvalResult("return", True, curves)
+        result = EvalResult("return", True, curves, extra={"step_sizes": chosen} if chosen else {})
         maml_data = data_by_method["maml"]
         if "Navigation2D" in cfg.env.id:
             result.figures["trajectories.png"] = lambda path: _nav_plot(path, tasks, maml_data)
