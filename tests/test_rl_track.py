@@ -215,14 +215,16 @@ def test_evaluation_with_the_rllab_protocol():
 def test_step_sizes_chosen_on_validation_tasks():
     """select_step_sizes picks, step by step, the grid entry with the best validation return:
     a one-size grid reproduces collect_adapted's curve exactly (same batches and seeds), a
-    candidate is scored on the same seed whatever the other candidates are, and on an untrained
-    policy a REINFORCE step beats standing still (step size 0)."""
-    import torch
-
+    candidate is scored on the same seed whatever the other candidates are, and each step
+    continues from the chosen candidate and its batch (collect_adapted with the chosen sizes
+    reproduces the chosen scores)."""
     from metarl.algorithms.maml_trpo import collect_adapted, select_step_sizes
     from metarl.functional import params_of
     from metarl.tracks.rl import RLTrack
 
+    import torch
+
+    torch.manual_seed(0)  # the policy's initialisation
     cfg = nav_cfg(inner={"lr": 0.1, "episodes": 10})
     track = RLTrack(cfg)
     try:
@@ -231,7 +233,8 @@ def test_step_sizes_chosen_on_validation_tasks():
         kw = dict(episodes=10, adv_cfg=cfg.advantages, steps=2, seed=4)
         data, _, _ = collect_adapted(track.policy, track.collector, theta, tasks, lr=0.5, **kw)
         one, table_one = select_step_sizes(track.policy, track.collector, theta, tasks, grid=[0.5], **kw)
-        chosen, table = select_step_sizes(track.policy, track.collector, theta, tasks, grid=[0.0, 0.5], **kw)
+        chosen, table = select_step_sizes(track.policy, track.collector, theta, tasks, grid=[0.0, 0.5, 1.5], **kw)
+        replay, _, _ = collect_adapted(track.policy, track.collector, theta, tasks, lr=chosen, **kw)
         with pytest.raises(ValueError, match="grid"):
             select_step_sizes(track.policy, track.collector, theta, tasks, grid=[0.5, -0.1], **kw)
     finally:
@@ -240,9 +243,10 @@ def test_step_sizes_chosen_on_validation_tasks():
     curve = [float(eps.mean_returns().mean()) for eps, _ in data]
     assert [row[0] for row in table_one] == curve[1:]          # exactly collect_adapted's steps 1 and 2
     assert table[0][1] == table_one[0][0]                      # same start, same seed: same score
-    assert len(table) == 2 and all(len(row) == 2 for row in table)
-    assert chosen == [[0.0, 0.5][int(np.argmax(row))] for row in table]
-    assert chosen[0] == 0.5 and table[0][1] > table[0][0] + 2, table   # one step of 0.5 helps an untrained policy
+    assert len(table) == 2 and all(len(row) == 3 for row in table)
+    assert chosen == [[0.0, 0.5, 1.5][int(np.argmax(row))] for row in table]
+    assert [float(eps.mean_returns().mean()) for eps, _ in replay[1:]] == [max(row) for row in table]
+    assert len(set(table[0])) == 3                             # the step size matters on this problem
     with pytest.raises(config.ConfigError, match="eval_lr_grid"):
         nav_cfg(inner={"eval_lr_grid": [0.1, -1.0]})
 

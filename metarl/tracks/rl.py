@@ -215,9 +215,10 @@ class RLTrack(Track):
         grid = cfg.inner.eval_lr_grid
         validation = None if grid is None else self.task_env.sample_tasks(cfg.eval.validation_tasks,
                                                                           np.random.default_rng([seed, 2]))
+        fixed_lr = cfg.inner.eval_lr if cfg.inner.eval_lr is not None else cfg.inner.lr
         curves, data_by_method, chosen = {}, {}, {}
         for name, policy in adapted.items():
-            lr = cfg.inner.eval_lr if cfg.inner.eval_lr is not None else cfg.inner.lr
+            lr = fixed_lr
             if grid is not None and steps > 0:
                 lr, table = select_step_sizes(policy, self.collector, params_of(policy), validation, steps=steps, grid=grid, **batch)
                 chosen[name] = {"chosen": lr, "grid": list(grid), "validation_returns": table,
