@@ -187,6 +187,12 @@ def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_
     return out, params, timing
 
 
+def check_step_grid(grid: Sequence[float]) -> None:
+    """A step-size grid is a non-empty list of finite sizes >= 0 (ValueError naming the grid)."""
+    if not grid or any(not math.isfinite(lr) or lr < 0 for lr in grid):
+        raise ValueError(f"step-size grid must be a non-empty list of finite sizes >= 0, e.g. [0.05, 0.1, 0.25, 0.5], got {list(grid)}")
+
+
 def select_step_sizes(policy, collector, theta: Params, tasks, episodes: int, adv_cfg: AdvantageConfig,
                       steps: int, grid: Sequence[float], seed: int, timesteps: Optional[int] = None,
                       lockstep: bool = False) -> tuple[list[float], list[list[float]]]:
@@ -202,8 +208,7 @@ def select_step_sizes(policy, collector, theta: Params, tasks, episodes: int, ad
     batch is the next step's data. Batches and seeds are those of :func:`collect_adapted`, so a
     one-size grid reproduces its curve. Returns (one size per step, the mean
     validation return of every candidate: [steps][len(grid)])."""
-    if not grid or any(not math.isfinite(lr) or lr < 0 for lr in grid):
-        raise ValueError(f"step-size grid must be a non-empty list of finite sizes >= 0, got {list(grid)}")
+    check_step_grid(grid)
     params = stack({k: v.detach() for k, v in theta.items()}, len(tasks))
     eps = _collect(collector, policy, params, tasks, episodes, timesteps, lockstep, seed * 1000)
     chosen, table = [], []

@@ -20,8 +20,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..algorithms.maml_trpo import (AdvantageConfig, RLInnerConfig, RLOuterConfig, collect_adapted, meta_update,
-                                    select_step_sizes)
+from ..algorithms.maml_trpo import (AdvantageConfig, RLInnerConfig, RLOuterConfig, check_step_grid, collect_adapted,
+                                    meta_update, select_step_sizes)
 from ..config import ConfigError, register_track
 from ..evaluation import EvalResult
 from ..functional import params_of
@@ -106,9 +106,11 @@ class RLConfig(RunConfig):
             value = getattr(self.inner, key)
             if value is not None and value < 1:
                 raise ConfigError(f"inner.{key} must be >= 1 (or null for the default), got {value}")
-        grid = self.inner.eval_lr_grid
-        if grid is not None and (not grid or any(not np.isfinite(lr) or lr < 0 for lr in grid)):
-            raise ConfigError(f"inner.eval_lr_grid must list step sizes >= 0, e.g. [0.05, 0.1, 0.25, 0.5], got {grid}")
+        if self.inner.eval_lr_grid is not None:
+            try:
+                check_step_grid(self.inner.eval_lr_grid)
+            except ValueError as e:
+                raise ConfigError(f"inner.eval_lr_grid: {e}") from None
         if self.eval.validation_tasks < 1:
             raise ConfigError(f"eval.validation_tasks must be >= 1, got {self.eval.validation_tasks}")
         if self.inner.eval_protocol == "rllab" and self.inner.eval_timesteps is None:
