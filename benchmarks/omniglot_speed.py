@@ -4,8 +4,12 @@ Setting (Finn et al. 2017, Omniglot 5-way 1-shot): Conv4(64 filters, stride-2 co
 batch norm; Vinyals et al. 2016), 28×28 inputs, meta-batch 32, 1 inner step with lr 0.4, second
 order, the full meta-gradient (backward to θ). Q = query images per class (Q=1 and Q=15 by default).
 Random images (speed does not depend on the pixels). Three implementations of the same gradient:
-- engine: ``query_losses(batched=True)``: θ stacked per task, ``Conv4.forward_tasks`` (grouped
-  convolutions, channels-last, per-task batch norm as 2-D batch norm; see policies/conv4.py);
+- engine: what few-shot training runs, ``meta_backward(batched=True, workers=0)``: θ stacked per
+  task, ``Conv4.forward_tasks`` (grouped convolutions, channels-last, per-task batch norm as 2-D
+  batch norm; see policies/conv4.py), the meta-batch cut into one shard per torch thread, each
+  shard adapted and backpropagated on its own worker thread (metarl/threads.py);
+- engine_serial: the same batched path on the calling thread alone (``workers=1``), its
+  operations split across the torch threads instead (the engine before task workers);
 - loop:   ``query_losses(batched=False)``: one task at a time through the module's own forward;
 - vmap:   ``torch.func.vmap`` over tasks of ``torch.func.grad`` through ``functional_call`` (the
   naive functorch MAML). Its meta-gradient is WRONG through batch norm on torch 2.13 (conv biases
@@ -42,14 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from metarl.algorithms.maml import query_losses
+from metarl.algorithms.maml import meta_backward, query_losses
 from metarl.functional import params_of
 from metarl.objectives import cross_entropy
 from metarl.policies.conv4 import Conv4
 from metarl.tasks.batch import TaskBatch
 
 N_WAY, META_BATCH, LR, SIZE = 5, 32, 0.4, 28
-VARIANTS = ("engine", "loop", "vmap", "vmap_fwd")
+VARIANTS = ("engine", "engine_serial", "loop", "vmap", "vmap_fwd")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
@@ -70,10 +74,14 @@ def make_batch(q, seed):
                      torch.rand(META_BATCH, N_WAY * q, 1, SIZE, SIZE, generator=g), labels(q))
 
 
-def engine(model, batch):
-    p = params_of(model)
-    loss = query_losses(model, p, batch, cross_entropy, steps=1, lr=LR, batched=True).mean()
-    return torch.autograd.grad(loss, list(p.values()))
+def engine(model, batch, workers=0):
+    model.zero_grad(set_to_none=True)
+    meta_backward(model, params_of(model), batch, cross_entropy, workers=workers, steps=1, lr=LR, batched=True)
+    return [p.grad for p in model.parameters()]
+
+
+def engine_serial(model, batch):
+    return engine(model, batch, workers=1)
 
 
 def loop(model, batch):
@@ -114,7 +122,7 @@ def vmap_fwd(model, batch):
     return torch.autograd.grad(loss, list(p.values()))
 
 
-FNS = {"engine": engine, "loop": loop, "vmap": vmapped, "vmap_fwd": vmap_fwd}
+FNS = {"engine": engine, "engine_serial": engine_serial, "loop": loop, "vmap": vmapped, "vmap_fwd": vmap_fwd}
 
 
 def relative_error(got, ref):
@@ -212,7 +220,7 @@ def main():
             err = "reference" if v == "loop" else f"rel. error vs loop: float64 {errors64[v]:.0e}{' WRONG' if errors64[v] > 1e-8 else ''}, float32 {errors[v]:.0e}"
             spread = f"[{min(times[v]):.3f}-{max(times[v]):.3f}]"
             m = f", peak RSS +{mem[v]['delta_mb']:.0f} MB" if mem else ""
-            print(f"  {v:>8}: {med[v]:6.3f} s {spread:>13}  loop/{v} = {med['loop'] / med[v]:4.2f}x  ({err}{m})")
+            print(f"  {v:>13}: {med[v]:6.3f} s {spread:>13}  loop/{v} = {med['loop'] / med[v]:4.2f}x  ({err}{m})")
     print("\n(relative error = ||g - g_loop|| / ||g_loop|| over all of θ: float64 on 4 tasks, float32 on all 32"
           + ("" if args.no_memory else "; peak RSS = growth of the resident set from just before two meta-iterations "
              "to its peak during them, each variant alone in a fresh process") + ")")
@@ -221,6 +229,8 @@ def main():
         s = f"at Q={q} the engine takes {med['engine']:.2f} s per meta-iteration vs {med['loop']:.2f} s for the loop ({med['loop'] / med['engine']:.2f}x"
         if "vmap" in med:
             s += f"; naive vmap {med['vmap']:.2f} s, {med['loop'] / med['vmap']:.2f}x, with a wrong gradient"
+        if "engine_serial" in med:
+            s += f"; without task workers {med['engine_serial']:.2f} s, {med['loop'] / med['engine_serial']:.2f}x"
         if "vmap_fwd" in med:
             s += f"; engine without the native forward {med['vmap_fwd']:.2f} s, {med['loop'] / med['vmap_fwd']:.2f}x"
         s += ")"

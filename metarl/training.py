@@ -38,7 +38,7 @@ def check_finite(metrics: dict[str, float], iteration: int) -> None:
 
 RESUMABLE = ("iterations", "checkpoint_every", "snapshot_every", "log_every", "eval",
              "inner.eval_steps", "inner.eval_lr", "inner.eval_lr_grid", "inner.eval_episodes", "inner.eval_timesteps", "inner.eval_protocol",  # evaluation only
-             "sampler", "outer.threads")  # speed only (a run moved to a free machine)
+             "sampler", "outer.threads", "inner.task_workers")  # speed only (a run moved to a free machine)
 
 
 def _resumable(key: str) -> bool:

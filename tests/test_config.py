@@ -41,3 +41,14 @@ def test_overrides_are_typed_and_round_trip():
     assert cfg.inner.lr == 0.02 and cfg.task.k_shot == 5 and cfg.inner.first_order is True
     again = config.from_dict(config.to_dict(cfg))
     assert again == cfg
+
+
+def test_a_partial_section_keeps_the_tracks_own_defaults():
+    """A few-shot config that sets only inner.steps keeps the few-shot inner defaults (lr 0.4,
+    3 evaluation steps, task workers 0), not the generic InnerConfig ones (lr 0.01, 10, 1)."""
+    cfg = config.from_dict({"track": "fewshot", "inner": {"steps": 5}})
+    assert (cfg.inner.steps, cfg.inner.lr, cfg.inner.eval_steps, cfg.inner.task_workers) == (5, 0.4, 3, 0)
+    assert config.from_dict({"track": "fewshot", "inner": None}).inner.lr == 0.4
+    assert config.from_dict({"track": "sine", "inner": {"steps": 5}}).inner.lr == 0.01
+    with pytest.raises(ConfigError, match="task_workers >= 0"):
+        config.from_dict({"track": "fewshot", "inner": {"task_workers": -1}})

@@ -6,11 +6,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from metarl.algorithms.maml import query_losses
+from metarl.algorithms.maml import meta_backward, query_losses, query_predictions
 from metarl.functional import forward, params_of
 from metarl.objectives import cross_entropy
 from metarl.policies.conv4 import Conv4
 from metarl.tasks.batch import TaskBatch
+from metarl.threads import torch_threads
+from metarl.tracks.fewshot import FewShotConfig
 
 LR = 0.4
 CONV_BIASES = [f"blocks.{i}.conv.bias" for i in range(4)]
@@ -32,8 +34,19 @@ def tiny_problem(seed=0, tasks=3, pooling="stride", task_chunk=2):
     return model, TaskBatch(x(4), labels(2), x(6), labels(3))
 
 
+DEFAULT_WORKERS = FewShotConfig().inner.task_workers  # what few-shot training runs (0: one per torch thread)
+
+
 def meta_grad(model, batch, steps, batched, first_order=False):
+    """The meta-gradient by the batched path (``batched=True``), the per-task loop (False), or
+    ``"default"``: what few-shot training calls, meta_backward with task workers on two threads."""
     params = params_of(model)
+    if batched == "default":
+        model.zero_grad(set_to_none=True)
+        with torch_threads(2):
+            meta_backward(model, params, batch, cross_entropy, workers=DEFAULT_WORKERS,
+                          steps=steps, lr=LR, first_order=first_order, batched=True)
+        return {k: v.grad.clone() for k, v in params.items()}
     loss = query_losses(model, params, batch, cross_entropy, steps=steps, lr=LR, first_order=first_order, batched=batched).mean()
     return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
 
@@ -72,15 +85,17 @@ def test_batched_meta_gradient_equals_per_task_loop(steps, pooling):
     a = query_losses(model, params_of(model), batch, cross_entropy, steps=steps, lr=LR, batched=True)
     b = query_losses(model, params_of(model), batch, cross_entropy, steps=steps, lr=LR, batched=False)
     assert torch.allclose(a, b, rtol=0, atol=1e-12)
-    ga, gb = meta_grad(model, batch, steps, True), meta_grad(model, batch, steps, False)
-    for name in ga:
-        assert torch.allclose(ga[name], gb[name], rtol=0, atol=1e-10), (name, (ga[name] - gb[name]).abs().max())
+    gb = meta_grad(model, batch, steps, False)
+    for path in (True, "default"):
+        ga = meta_grad(model, batch, steps, path)
+        for name in ga:
+            assert torch.allclose(ga[name], gb[name], rtol=0, atol=1e-10), (path, name, (ga[name] - gb[name]).abs().max())
 
 
 @pytest.mark.parametrize("steps", [1, 2])
 def test_meta_gradient_matches_central_finite_differences(steps):
     model, batch = tiny_problem(10 + steps)
-    analytic = {True: meta_grad(model, batch, steps, True), False: meta_grad(model, batch, steps, False)}
+    analytic = {path: meta_grad(model, batch, steps, path) for path in (True, False, "default")}
     theta = {k: v.detach().clone() for k, v in model.named_parameters()}
     eps = 1e-6
     for name, j in sample_coordinates(model, seed=steps):
@@ -103,10 +118,28 @@ def test_conv_biases_feeding_batch_norm_get_zero_meta_gradient(steps, pooling):
     """Batch norm subtracts the per-channel mean right after each conv, so the conv bias cancels:
     its exact meta-gradient is 0. A wrong second-order term through batch norm shows up here first."""
     model, batch = tiny_problem(20 + steps, pooling=pooling)
-    grads = meta_grad(model, batch, steps, batched=True)
+    grads = meta_grad(model, batch, steps, batched="default")
     for name in CONV_BIASES:
         assert grads[name].abs().max().item() < 1e-12, (name, grads[name])
     assert grads["blocks.0.conv.weight"].abs().max().item() > 1e-6  # and the rest is not trivially zero
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_meta_backward_shards_give_the_same_gradient_and_predictions(workers):
+    """Task workers regroup the sum over tasks (3 tasks: shards of 3, 1+2, 1+1+1); the gradient,
+    accumulated into .grad like backward(), and the returned predictions do not change."""
+    model, batch = tiny_problem(50)
+    want = meta_grad(model, batch, 1, batched=False)
+    with torch.no_grad():
+        preds = query_predictions(model, params_of(model), batch, cross_entropy, steps=1, lr=LR)
+    model.zero_grad(set_to_none=True)
+    got = meta_backward(model, params_of(model), batch, cross_entropy, workers=workers, steps=1, lr=LR)
+    assert not got.requires_grad and torch.allclose(got, preds, rtol=0, atol=1e-12)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, want[name], rtol=0, atol=1e-10), (name, (p.grad - want[name]).abs().max())
+    meta_backward(model, params_of(model), batch, cross_entropy, workers=workers, steps=1, lr=LR)
+    for name, p in model.named_parameters():  # a second call accumulates, as backward() does
+        assert torch.allclose(p.grad, 2 * want[name], rtol=0, atol=1e-10), name
 
 
 def test_vmap_fallback_agrees_too():

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from metarl import config
 from metarl.training import load_track, train
@@ -43,6 +44,23 @@ def test_evaluation_episodes_are_fixed_by_seed(tmp_path, monkeypatch, cache):
     b = track.evaluate(20, 1, seed=3).curves["maml"]
     c = track.evaluate(20, 1, seed=4).curves["maml"]
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_task_workers_train_deterministically(tmp_path, monkeypatch, cache):
+    """The default few-shot training path cuts each meta-batch across task-worker threads: two
+    runs give bitwise-identical weights (shard gradients are added in a fixed order), and a run
+    on the calling thread alone ends at the same weights up to float32 rounding."""
+    monkeypatch.setenv("METARL_CACHE", cache)
+    assert config.load("experiments/omniglot_5w1s.yaml", []).inner.task_workers == 0  # the default: one per torch thread
+    weights = {}
+    for name, workers in (("a", 2), ("b", 2), ("serial", 1)):
+        cfg = config.load("experiments/omniglot_5w1s.yaml", ["iterations=3", "meta_batch=5", "model.hidden=8", "baselines=[]",
+                                                            "checkpoint_every=3", f"inner.task_workers={workers}"])
+        track = train(cfg, tmp_path / name, tensorboard=False)
+        weights[name] = {k: v.detach().clone() for k, v in track.model.named_parameters()}
+    for k in weights["a"]:
+        assert torch.equal(weights["a"][k], weights["b"][k]), k
+        assert torch.allclose(weights["a"][k], weights["serial"][k], rtol=0, atol=1e-5), (k, (weights["a"][k] - weights["serial"][k]).abs().max())
 
 
 def write_cifar_fs_fixture(root, n_classes=(6, 5, 5), per_class=6):

@@ -9,7 +9,7 @@ import torch
 
 from metarl import functional as F
 from metarl.algorithms.maml_trpo import (AdvantageConfig, RLInnerConfig, RLOuterConfig, _MAMLLinearization, adapt_on,
-                                         meta_update, outer_objective, torch_threads, trpo_outer_step)
+                                         meta_update, outer_objective, trpo_outer_step)
 from metarl.envs.navigation import Navigation2DEnv
 from metarl.optim import conjugate_gradient, flat, hvp_fn, line_search, unflat
 from metarl.policies.gaussian import GaussianMLPPolicy, log_prob, sample
@@ -155,19 +155,6 @@ def test_fvp_subsample_option():
     assert (results["closed_form", 1.0] - results["closed_form", 0.5]).norm() > 1e-6 * results["closed_form", 1.0].norm()
     with pytest.raises(ValueError, match="fvp_subsample"):
         trpo_outer_step(policy, theta, train, valid, valid_adv, phi_old, inner, RLOuterConfig(fvp_subsample=0.0))
-
-
-def test_torch_threads_restores_the_setting():
-    old = torch.get_num_threads()
-    with torch_threads(2):
-        assert torch.get_num_threads() == 2
-    assert torch.get_num_threads() == old
-    with torch_threads(0):
-        assert torch.get_num_threads() == old
-    with pytest.raises(RuntimeError):
-        with torch_threads(2):
-            raise RuntimeError("boom")
-    assert torch.get_num_threads() == old
 
 
 def test_meta_update_with_the_closed_form_on_navigation():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Literal, NamedTuple, Optional, Sequence, Union
@@ -31,6 +30,7 @@ from ..advantages import LinearFeatureBaseline, discounted_returns, gae, normali
 from ..functional import Params, stack
 from ..objectives import gaussian_kl, reinforce_loss, step_weights, surrogate_loss
 from ..optim import hvp_fn, trpo_step, unflat
+from ..threads import torch_threads
 from metarl.policies.gaussian import GaussianMLPPolicy, log_prob
 from metarl.policies.mlp import MLP
 
@@ -461,20 +461,6 @@ class _MAMLLinearization:
 
 
 # ------------------------------------------------------------------------------- the outer step
-
-@contextmanager
-def torch_threads(n: int):
-    """Run the block with ``n`` torch intra-op threads (0: leave the setting alone), restoring
-    the previous count afterwards."""
-    old = torch.get_num_threads()
-    if n > 0 and n != old:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != old:
-            torch.set_num_threads(old)
-
 
 def _subsample_episodes(episodes, adv: Tensor, fraction: float, generator: torch.Generator):
     """(episodes, advantages) restricted to the same random subset of episode slots (axis B) in

@@ -32,7 +32,11 @@ class TaskBatch:
         return self.x_support.shape[0]
 
     def task(self, i: int) -> "TaskBatch":
-        return TaskBatch(*(t[i:i + 1] for t in (self.x_support, self.y_support, self.x_query, self.y_query)))
+        return self.tasks(i, i + 1)
+
+    def tasks(self, start: int, stop: int) -> "TaskBatch":
+        """Tasks start..stop-1 (views, no copy)."""
+        return TaskBatch(*(t[start:stop] for t in (self.x_support, self.y_support, self.x_query, self.y_query)))
 
     def to(self, dtype: torch.dtype) -> "TaskBatch":
         conv = lambda t: t.to(dtype) if t.is_floating_point() else t

@@ -18,7 +18,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from ..algorithms.maml import InnerConfig, adaptation_curve, query_predictions
+from ..algorithms.maml import InnerConfig, adaptation_curve, meta_backward
 from ..config import ConfigError, register_track
 from ..evaluation import EvalResult
 from ..functional import params_of
@@ -90,7 +90,7 @@ class FewShotConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     model: ConvConfig = field(default_factory=ConvConfig)
-    inner: InnerConfig = field(default_factory=lambda: InnerConfig(lr=0.4, steps=1, eval_steps=3))
+    inner: InnerConfig = field(default_factory=lambda: InnerConfig(lr=0.4, steps=1, eval_steps=3, task_workers=0))
     outer: OuterConfig = field(default_factory=OuterConfig)
     baselines: list[Literal["pretrain"]] = field(default_factory=lambda: ["pretrain"])
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -146,9 +146,14 @@ class FewShotTrack(Track):
     def train_step(self, iteration: int, rng: np.random.Generator) -> dict[str, float]:
         cfg = self.cfg
         batch = to_batch(self.sampler(self.train_pool).sample(cfg.meta_batch, rng))
-        logits = query_predictions(self.model, params_of(self.model), batch, cross_entropy, **self._inner())
+        self.optimizers["maml"].zero_grad(set_to_none=True)
+        # MAML's gradient is computed here, by task-parallel workers (inner.task_workers), before
+        # the finiteness check below: a NaN gradient is harmless as long as no optimizer step runs
+        logits = meta_backward(self.model, params_of(self.model), batch, cross_entropy,
+                               workers=cfg.inner.task_workers, **self._inner())
+        metrics = {"accuracy/maml": accuracy(logits, batch.y_query).mean().item()}
         losses = {"maml": cross_entropy(logits, batch.y_query).mean()}
-        metrics = {"accuracy/maml": accuracy(logits.detach(), batch.y_query).mean().item()}
+        pretrain = None
         if "pretrain" in self.modules:
             pool = self.train_pool
             classes = rng.integers(pool.n_classes, size=cfg.pretrain.batch_size)
@@ -156,15 +161,17 @@ class FewShotTrack(Track):
             x = torch.as_tensor(pool.gather(classes, samples)[:, 0], dtype=torch.float32) / 255.0
             out = self.modules["pretrain"](x)
             y = torch.as_tensor(classes)
-            losses["pretrain"] = torch.nn.functional.cross_entropy(out, y)
+            pretrain = torch.nn.functional.cross_entropy(out, y)
             metrics["accuracy/pretrain"] = (out.argmax(-1) == y).float().mean().item()
+            losses["pretrain"] = pretrain
         metrics.update({f"loss/{k}": v.item() for k, v in losses.items()})
         if not all(np.isfinite(list(metrics.values()))):
             return metrics
-        for k, loss in losses.items():
-            self.optimizers[k].zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizers[k].step()
+        self.optimizers["maml"].step()
+        if pretrain is not None:
+            self.optimizers["pretrain"].zero_grad(set_to_none=True)
+            pretrain.backward()
+            self.optimizers["pretrain"].step()
         return metrics
 
     # ---- evaluation -------------------------------------------------------------------------
