@@ -42,7 +42,12 @@ class InnerConfig:
     """Threads that each adapt and backpropagate a contiguous share of the meta-batch, one torch
     thread apiece (0: one per torch thread, so both cores here; 1: all in the calling thread).
     Speed only: the meta-gradient is the same sum (tests/test_conv_meta_gradient.py). Pays off for
-    conv nets (Omniglot, the few-shot default is 0), not for the sine MLP's microsecond ops."""
+    conv nets (Omniglot: the few-shot default is 0); the sine MLP's microsecond ops keep 1."""
+
+    def training_kwargs(self) -> dict:
+        """Keyword arguments of :func:`meta_backward` for one meta-training step."""
+        return {"steps": self.steps, "lr": self.lr, "first_order": self.first_order, "only": self.only,
+                "batched": self.batched, "workers": self.task_workers}
 
     def validate(self):
         if self.lr <= 0 or self.steps < 0 or self.eval_steps < 0 or self.task_workers < 0:

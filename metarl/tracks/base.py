@@ -65,6 +65,16 @@ class Track:
     def train_step(self, iteration: int, rng: np.random.Generator) -> dict[str, float]:
         raise NotImplementedError
 
+    def step_optimizers(self, losses: dict) -> None:
+        """One optimizer step per method. "maml" already holds its gradient (``meta_backward``
+        accumulated it into ``.grad``; its loss here is a detached value); every other loss is
+        backpropagated first."""
+        for k, loss in losses.items():
+            if k != "maml":
+                self.optimizers[k].zero_grad(set_to_none=True)
+                loss.backward()
+            self.optimizers[k].step()
+
     def after_training(self) -> list[str]:
         """Work that follows meta-training (e.g. PPO baselines in meta-RL); returns what it did."""
         return []

@@ -139,21 +139,15 @@ class FewShotTrack(Track):
         self.optimizers = {k: torch.optim.Adam(m.parameters(), lr=cfg.outer.lr) for k, m in self.modules.items()}
         self.sampler = lambda pool: EpisodeSampler(pool, ep.n_way, ep.k_shot, ep.q_query)
 
-    def _inner(self, **over):
-        i = self.cfg.inner
-        return {"steps": i.steps, "lr": i.lr, "first_order": i.first_order, "only": i.only, "batched": i.batched, **over}
-
     def train_step(self, iteration: int, rng: np.random.Generator) -> dict[str, float]:
         cfg = self.cfg
         batch = to_batch(self.sampler(self.train_pool).sample(cfg.meta_batch, rng))
+        # MAML's gradient is accumulated now (by task workers, inner.task_workers) and applied
+        # only after the finiteness check below, like the baseline's
         self.optimizers["maml"].zero_grad(set_to_none=True)
-        # MAML's gradient is computed here, by task-parallel workers (inner.task_workers), before
-        # the finiteness check below: a NaN gradient is harmless as long as no optimizer step runs
-        logits = meta_backward(self.model, params_of(self.model), batch, cross_entropy,
-                               workers=cfg.inner.task_workers, **self._inner())
-        metrics = {"accuracy/maml": accuracy(logits, batch.y_query).mean().item()}
+        logits = meta_backward(self.model, params_of(self.model), batch, cross_entropy, **cfg.inner.training_kwargs())
         losses = {"maml": cross_entropy(logits, batch.y_query).mean()}
-        pretrain = None
+        metrics = {"accuracy/maml": accuracy(logits, batch.y_query).mean().item()}
         if "pretrain" in self.modules:
             pool = self.train_pool
             classes = rng.integers(pool.n_classes, size=cfg.pretrain.batch_size)
@@ -161,17 +155,11 @@ class FewShotTrack(Track):
             x = torch.as_tensor(pool.gather(classes, samples)[:, 0], dtype=torch.float32) / 255.0
             out = self.modules["pretrain"](x)
             y = torch.as_tensor(classes)
-            pretrain = torch.nn.functional.cross_entropy(out, y)
+            losses["pretrain"] = torch.nn.functional.cross_entropy(out, y)
             metrics["accuracy/pretrain"] = (out.argmax(-1) == y).float().mean().item()
-            losses["pretrain"] = pretrain
         metrics.update({f"loss/{k}": v.item() for k, v in losses.items()})
-        if not all(np.isfinite(list(metrics.values()))):
-            return metrics
-        self.optimizers["maml"].step()
-        if pretrain is not None:
-            self.optimizers["pretrain"].zero_grad(set_to_none=True)
-            pretrain.backward()
-            self.optimizers["pretrain"].step()
+        if all(np.isfinite(list(metrics.values()))):
+            self.step_optimizers(losses)
         return metrics
 
     # ---- evaluation -------------------------------------------------------------------------

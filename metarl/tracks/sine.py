@@ -15,7 +15,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from ..algorithms.maml import InnerConfig, adaptation_curve, query_losses
+from ..algorithms.maml import InnerConfig, adaptation_curve, meta_backward
 from ..config import ConfigError, register_track
 from ..evaluation import EvalResult
 from ..functional import forward, params_of
@@ -79,17 +79,13 @@ class SineTrack(Track):
             self.modules["oracle"] = mk(3)
         self.optimizers = {k: torch.optim.Adam(m.parameters(), lr=cfg.outer.lr) for k, m in self.modules.items()}
 
-    def _maml_losses(self, batch, batched=None):
-        inner = self.cfg.inner
-        return query_losses(self.model, params_of(self.model), batch, mse, steps=inner.steps, lr=inner.lr,
-                            first_order=inner.first_order, only=inner.only,
-                            batched=inner.batched if batched is None else batched)
-
     def train_step(self, iteration: int, rng: np.random.Generator) -> dict[str, float]:
         cfg = self.cfg
         tasks = sine_tasks.sample_tasks(cfg.task, cfg.meta_batch, rng)
         batch = sine_tasks.make_batch(cfg.task, tasks, cfg.task.k_shot, cfg.task.k_query, rng)
-        losses = {"maml": self._maml_losses(batch).mean()}
+        self.optimizers["maml"].zero_grad(set_to_none=True)
+        preds = meta_backward(self.model, params_of(self.model), batch, mse, **cfg.inner.training_kwargs())
+        losses = {"maml": mse(preds, batch.y_query).mean()}
         x_all = torch.cat([batch.x_support, batch.x_query], 1)
         y_all = torch.cat([batch.y_support, batch.y_query], 1)
         if "pretrain" in self.modules:
@@ -97,12 +93,8 @@ class SineTrack(Track):
         if "oracle" in self.modules:
             losses["oracle"] = mse(self.modules["oracle"](sine_tasks.with_task_inputs(x_all, tasks)), y_all).mean()
         metrics = {f"loss/{k}": v.item() for k, v in losses.items()}
-        if not all(np.isfinite(list(metrics.values()))):
-            return metrics  # the loop stops the run before any optimizer step touches θ
-        for k, loss in losses.items():
-            self.optimizers[k].zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizers[k].step()
+        if all(np.isfinite(list(metrics.values()))):  # else the loop stops the run before any step touches θ
+            self.step_optimizers(losses)
         return metrics
 
     # ---- evaluation -------------------------------------------------------------------------
