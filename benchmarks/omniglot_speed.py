@@ -3,6 +3,7 @@
 Setting (Finn et al. 2017, Omniglot 5-way 1-shot): Conv4(64 filters, stride-2 convs, transductive
 batch norm; Vinyals et al. 2016), 28×28 inputs, meta-batch 32, 1 inner step with lr 0.4, second
 order, the full meta-gradient (backward to θ). Q = query images per class (Q=1 and Q=15 by default).
+``--way/--shot/--meta-batch/--steps/--lr`` time another setting (the 20-way configs).
 Random images (speed does not depend on the pixels). Three implementations of the same gradient:
 - engine: what few-shot training runs, ``meta_backward(batched=True, workers=0)``: θ stacked per
   task, ``Conv4.forward_tasks`` (grouped convolutions, channels-last, per-task batch norm as 2-D
@@ -30,6 +31,7 @@ high-water mark across fork+exec, which made every delta read 0 when the parent 
 MALLOC_TRIM_THRESHOLD_=1 GB): the engine's larger tensors otherwise pay page faults every iteration
 on a loaded machine (see the docstring of policies/conv4.py for the measured effect).
 Run: .venv/bin/python benchmarks/omniglot_speed.py [--repeats 7] [--threads 2] [--q 1,15] [--tune-malloc]
+     20-way 5-shot setting: ... --way 20 --shot 5 --meta-batch 16 --steps 5 --lr 0.1 --q 5 --variants engine,engine_serial,loop
 """
 from __future__ import annotations
 
@@ -52,14 +54,19 @@ from metarl.objectives import cross_entropy
 from metarl.policies.conv4 import Conv4
 from metarl.tasks.batch import TaskBatch
 
-N_WAY, META_BATCH, LR, SIZE = 5, 32, 0.4, 28
+SIZE = 28
+
+
+class S:
+    """The benchmarked setting (the paper's 5-way 1-shot unless --way/--shot/... say otherwise)."""
+    way, shot, meta_batch, steps, lr = 5, 1, 32, 1, 0.4
 VARIANTS = ("engine", "engine_serial", "loop", "vmap", "vmap_fwd")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def make_model(chunk=None, images_per_chunk=None):
     torch.manual_seed(0)
-    model = Conv4(1, N_WAY, hidden=64, image_size=SIZE, pooling="stride")
+    model = Conv4(1, S.way, hidden=64, image_size=SIZE, pooling="stride")
     if chunk is not None:
         model.task_chunk = chunk
     if images_per_chunk is not None:
@@ -69,14 +76,14 @@ def make_model(chunk=None, images_per_chunk=None):
 
 def make_batch(q, seed):
     g = torch.Generator().manual_seed(seed)
-    labels = lambda k: torch.arange(N_WAY).repeat_interleave(k).expand(META_BATCH, N_WAY * k)
-    return TaskBatch(torch.rand(META_BATCH, N_WAY, 1, SIZE, SIZE, generator=g), labels(1),
-                     torch.rand(META_BATCH, N_WAY * q, 1, SIZE, SIZE, generator=g), labels(q))
+    labels = lambda k: torch.arange(S.way).repeat_interleave(k).expand(S.meta_batch, S.way * k)
+    return TaskBatch(torch.rand(S.meta_batch, S.way * S.shot, 1, SIZE, SIZE, generator=g), labels(S.shot),
+                     torch.rand(S.meta_batch, S.way * q, 1, SIZE, SIZE, generator=g), labels(q))
 
 
 def engine(model, batch, workers=0):
     model.zero_grad(set_to_none=True)
-    meta_backward(model, params_of(model), batch, cross_entropy, workers=workers, steps=1, lr=LR, batched=True)
+    meta_backward(model, params_of(model), batch, cross_entropy, workers=workers, steps=S.steps, lr=S.lr, batched=True)
     return [p.grad for p in model.parameters()]
 
 
@@ -86,7 +93,7 @@ def engine_serial(model, batch):
 
 def loop(model, batch):
     p = params_of(model)
-    loss = query_losses(model, p, batch, cross_entropy, steps=1, lr=LR, batched=False).mean()
+    loss = query_losses(model, p, batch, cross_entropy, steps=S.steps, lr=S.lr, batched=False).mean()
     return torch.autograd.grad(loss, list(p.values()))
 
 
@@ -98,7 +105,7 @@ def vmapped(model, batch):
 
     def task_query_loss(params, xs, ys, xq, yq):
         g = grad(task_loss)(params, xs, ys)
-        return task_loss({k: params[k] - LR * g[k] for k in params}, xq, yq)
+        return task_loss({k: params[k] - S.lr * g[k] for k in params}, xq, yq)  # one step (main() checks)
 
     losses = vmap(task_query_loss, in_dims=(None, 0, 0, 0, 0))(p, batch.x_support, batch.y_support, batch.x_query, batch.y_query)
     return torch.autograd.grad(losses.mean(), list(p.values()))
@@ -118,7 +125,7 @@ class Generic(torch.nn.Module):
 def vmap_fwd(model, batch):
     generic = Generic(model)
     p = params_of(generic)
-    loss = query_losses(generic, p, batch, cross_entropy, steps=1, lr=LR, batched=True).mean()
+    loss = query_losses(generic, p, batch, cross_entropy, steps=S.steps, lr=S.lr, batched=True).mean()
     return torch.autograd.grad(loss, list(p.values()))
 
 
@@ -158,7 +165,8 @@ def memory_child(variant, q, threads, chunk):
 
 
 def peak_memory(variant, q, threads, chunk):
-    cmd = [sys.executable, __file__, "--memory-child", variant, "--q", str(q), "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--memory-child", variant, "--q", str(q), "--threads", str(threads), "--way", str(S.way),
+           "--shot", str(S.shot), "--meta-batch", str(S.meta_batch), "--steps", str(S.steps), "--lr", str(S.lr)]
     if chunk is not None:
         cmd += ["--chunk", str(chunk)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -176,8 +184,14 @@ def main():
     ap.add_argument("--images-per-chunk", type=int, default=None, help="override Conv4.images_per_chunk (the automatic chunk's target)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
     ap.add_argument("--tune-malloc", action="store_true", help="rerun with glibc malloc keeping freed memory (fewer page faults)")
+    ap.add_argument("--way", type=int, default=S.way, help="classes per task (20-way configs: --way 20 --meta-batch 16 --steps 5 --lr 0.1)")
+    ap.add_argument("--shot", type=int, default=S.shot, help="support images per class")
+    ap.add_argument("--meta-batch", type=int, default=S.meta_batch)
+    ap.add_argument("--steps", type=int, default=S.steps, help="inner steps (the vmap variants support 1 only)")
+    ap.add_argument("--lr", type=float, default=S.lr, help="inner step size")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    S.way, S.shot, S.meta_batch, S.steps, S.lr = args.way, args.shot, args.meta_batch, args.steps, args.lr
     if args.tune_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         # glibc reads these at start-up only: re-execute this script with them set (children inherit them)
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], {**os.environ, **MALLOC_ENV})
@@ -188,10 +202,13 @@ def main():
     unknown = set(variants) - set(VARIANTS)
     if unknown or "engine" not in variants or "loop" not in variants:
         raise SystemExit(f"--variants must include engine and loop, from {VARIANTS}; got {variants}")
+    if S.steps != 1 and {"vmap", "vmap_fwd"} & set(variants):
+        raise SystemExit("the vmap variants take one inner step: use --variants engine,engine_serial,loop with --steps")
     torch.set_num_threads(args.threads)
     model = make_model(args.chunk, args.images_per_chunk)
     chunk = f"task_chunk {model.task_chunk}" if model.task_chunk else f"task_chunk auto (~{model.images_per_chunk} images per chunk)"
-    print(f"Omniglot Conv4(64) meta-iteration: {N_WAY}-way 1-shot, meta-batch {META_BATCH}, {SIZE}x{SIZE}, 1 inner step (lr {LR}), "
+    print(f"Omniglot Conv4(64) meta-iteration: {S.way}-way {S.shot}-shot, meta-batch {S.meta_batch}, {SIZE}x{SIZE}, "
+          f"{S.steps} inner step(s) (lr {S.lr}), "
           f"second order, full meta-gradient; {args.threads} thread(s), {chunk}, median of {args.repeats} interleaved repeats"
           f"{', malloc tuned' if args.tune_malloc else ''}")
     results = {}
@@ -215,13 +232,13 @@ def main():
         med = {v: float(np.median(t)) for v, t in times.items()}
         mem = {} if args.no_memory else {v: peak_memory(v, q, args.threads, args.chunk) for v in variants}
         results[q] = (med, errors64, mem)
-        print(f"\nQ={q} ({N_WAY * q} query images per task):")
+        print(f"\nQ={q} ({S.way * q} query images per task):")
         for v in variants:
             err = "reference" if v == "loop" else f"rel. error vs loop: float64 {errors64[v]:.0e}{' WRONG' if errors64[v] > 1e-8 else ''}, float32 {errors[v]:.0e}"
             spread = f"[{min(times[v]):.3f}-{max(times[v]):.3f}]"
             m = f", peak RSS +{mem[v]['delta_mb']:.0f} MB" if mem else ""
             print(f"  {v:>13}: {med[v]:6.3f} s {spread:>13}  loop/{v} = {med['loop'] / med[v]:4.2f}x  ({err}{m})")
-    print("\n(relative error = ||g - g_loop|| / ||g_loop|| over all of θ: float64 on 4 tasks, float32 on all 32"
+    print(f"\n(relative error = ||g - g_loop|| / ||g_loop|| over all of θ: float64 on 4 tasks, float32 on all {S.meta_batch}"
           + ("" if args.no_memory else "; peak RSS = growth of the resident set from just before two meta-iterations "
              "to its peak during them, each variant alone in a fresh process") + ")")
     parts = []
