@@ -90,7 +90,7 @@ threads              Q=1          Q=15
 Before the two fixes the same command gave 1.83-1.85x / 1.47-1.50x on 2 threads. The earlier
 single-thread tables above and below are kept for the record of what was tried. Training now also
 cuts the meta-batch across task-worker threads, each calling ``forward_tasks`` on its own shard
-with one torch thread (``metarl.algorithms.maml.meta_backward``): 2.1-2.8x / 1.79-1.97x
+with one torch thread (``metarl.algorithms.maml.meta_backward``): 1.9-2.8x / 1.79-2.14x
 (experiments/RESULTS.md, session 6).
 
 Earlier final table (single thread, 7 repeats; peak RSS growth over two iterations):
