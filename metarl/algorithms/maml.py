@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..adaptation import adapt, trajectory
 from ..functional import Params, forward, forward_tasks, stack
 from ..tasks.batch import TaskBatch
+from ..threads import resolve_workers, task_pool
 
 PerTaskLoss = Callable[[Tensor, Tensor], Tensor]  # (pred [T, N, ...], target) -> [T]
 
@@ -98,8 +99,6 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBat
     so the result does not depend on which thread finishes first. Tasks are independent given θ,
     so this is the same gradient, regrouped: a sum of per-shard sums instead of one sum.
     ``inner``: steps, lr, first_order, only, batched as in :func:`query_predictions`."""
-    from ..threads import resolve_workers, task_pool
-
     tensors = [p for p in params.values() if p.requires_grad]
     n = batch.n_tasks
     shards = resolve_workers(workers, n)
