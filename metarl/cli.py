@@ -25,6 +25,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _algorithm_names() -> str:
+    """The registered methods by kind of track, for --help."""
+    try:
+        from . import registry
+
+        registry.load_all()
+        return f"supervised: {', '.join(registry.names('supervised'))}; rl: {', '.join(registry.names('rl'))}"
+    except Exception:  # --help must work even where an optional engine fails to import
+        return "see README"
+
+
 def cmd_train(args) -> int:
     from . import config as configlib
     from .training import train
@@ -73,13 +84,15 @@ def cmd_evaluate(args) -> int:
     finally:
         track.close()
     which = f"the {n} tasks of {tasks_file}" if tasks_file else f"{n} fresh tasks"
-    data = evaluation.write(result, out, title=f"{cfg.track}: {which}, after {iteration} meta-iterations")
-    print(f"{data['metric']} after 0..{steps} inner steps on {which} (mean ± 95% CI):")
+    result.extra["eval_tasks"] = evaluation.task_set(cfg, n, seed, tasks_file)
+    data = evaluation.write(result, out, title=f"{cfg.track}, {cfg.algorithm}: {which}, after {iteration} meta-iterations")
+    print(f"{data['metric']} after 0..{steps} {data['curve_axis']} on {which} (mean ± 95% CI):")
     for name, d in data["methods"].items():
         cells = "  ".join(f"{m:.4g}±{c:.2g}" for m, c in zip(d["mean"], d["ci95"]))
         print(f"  {name:>9}: {cells}")
     for name, d in data.get("step_sizes", {}).items():
-        print(f"  {name:>9} step sizes chosen on {d['validation_tasks']} validation tasks: {d['chosen']}")
+        if "validation_tasks" in d:
+            print(f"  {name:>9} step sizes chosen on {d['validation_tasks']} validation tasks: {d['chosen']}")
     print(f"wrote {out / 'adaptation.json'}")
     return 0
 
@@ -111,11 +124,31 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """Every method's curve on the same test tasks in one figure: each run's own method (named by
+    its ``algorithm``), plus the baselines of the first run (they are the same in every run)."""
+    from . import evaluation
+    from .plotting import adaptation_plot
+
+    try:
+        merged = evaluation.compare([evaluation.load(r) for r in args.run_dirs], [str(r) for r in args.run_dirs])
+    except ValueError as e:
+        raise SystemExit(f"metarl: error: {e}") from None
+    adaptation_plot({"": merged}, args.out, title=f"{len(merged['methods'])} methods on the same {merged['n_tasks']} test tasks (95% CI)")
+    if args.json:
+        Path(args.json).write_text(__import__("json").dumps(merged, indent=2))
+    for name, d in merged["methods"].items():
+        print(f"  {name:>9}: " + "  ".join(f"{m:.4g}±{c:.2g}" for m, c in zip(d["mean"], d["ci95"])))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metarl", description="Meta-learning and meta-RL: train, evaluate adaptation, plot.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="meta-train from a YAML config (experiments/*.yaml)")
-    t.add_argument("config", help="path to a YAML config, or the name of one in experiments/")
+    t.add_argument("config", help="path to a YAML config, or the name of one in experiments/; "
+                                  "--set algorithm=NAME picks the method (" + _algorithm_names() + ")")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set inner.lr=0.02")
     t.add_argument("--run-dir", help="where checkpoints, metrics and plots go (default runs/<config name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
@@ -146,6 +179,11 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("--out", default="adaptation_overlay.png")
     pl.set_defaults(fn=cmd_plot)
+    c = sub.add_parser("compare", help="one figure of every method's curve: runs of different algorithms, evaluated on the same tasks")
+    c.add_argument("run_dirs", nargs="+", help="evaluated runs (RUN_DIR or RUN_DIR/eval/...), one per algorithm")
+    c.add_argument("--out", default="compare.png")
+    c.add_argument("--json", help="also write the merged curves to this JSON file")
+    c.set_defaults(fn=cmd_compare)
     return p
 
 

@@ -1,10 +1,15 @@
 """Typed run configuration: YAML in ``experiments/`` → nested dataclasses, with ``--set`` overrides.
 
-Every config has a top-level ``track`` (which problem it runs), ``iterations`` and ``seed``; each
-track declares its own dataclass (see :func:`register_track`). Unknown keys and badly typed
-values stop the run with one line naming the key and the closest valid names, because a typo in a
-hyper-parameter that is silently ignored costs a researcher a whole run. The resolved config is
-saved in every run directory and checkpoint.
+Every config has a top-level ``track`` (which problem it runs), ``algorithm`` (which method,
+default ``maml``), ``iterations`` and ``seed``; each track declares its own dataclass and each
+method may add a section of its own and per-track defaults (:mod:`metarl.registry`). Values
+are layered: dataclass defaults < the method's defaults < the YAML file < ``--set``. Unknown keys
+and badly typed values stop the run with one line naming the key and the closest valid names,
+because a typo in a hyper-parameter that is silently ignored costs a researcher a whole run. The
+resolved config is saved in every run directory and checkpoint.
+
+Config sections live beside the code they configure, each field with a one-line docstring; a field
+that may change on ``--resume`` says so itself (:func:`resumable`).
 """
 from __future__ import annotations
 
@@ -21,18 +26,25 @@ class ConfigError(ValueError):
     """A config problem, reported as one line that says how to fix it."""
 
 
-TRACKS: dict[str, type] = {}
+def resumable(default: Any = dataclasses.MISSING, *, why: str, default_factory: Any = dataclasses.MISSING):
+    """A config field that ``--resume`` may change (``why``: "evaluation only", "speed only", "length
+    of the run"): it does not alter the trained numbers up to that point."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"resumable": why})
 
 
-def register_track(name: str) -> Callable[[type], type]:
-    """Class decorator: ``@register_track("sine")`` makes ``track: sine`` load that dataclass."""
-    def deco(cls: type) -> type:
-        TRACKS[name] = cls
-        return cls
-    return deco
+def resumable_keys(cls: type, prefix: str = "") -> list[str]:
+    """Dotted keys of ``cls`` (a config dataclass) declared with :func:`resumable`."""
+    hints = get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("resumable"):
+            out.append(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out += resumable_keys(hints[f.name], f"{prefix}{f.name}.")
+    return out
 
 
-def _closest(word: str, options) -> str:
+def closest(word: str, options) -> str:
     near = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(repr(n) for n in near)}? " if near else ""
     return f"{hint}valid: {', '.join(sorted(options))}"
@@ -48,7 +60,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return build(tp, value, prefix=where + ".")
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"'{where}' is {value!r}: {_closest(str(value), [str(a) for a in get_args(tp)])}")
+            raise ConfigError(f"'{where}' is {value!r}: {closest(str(value), [str(a) for a in get_args(tp)])}")
         return value
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         args = get_args(tp)
@@ -114,7 +126,7 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"unknown config key '{prefix}{key}': {_closest(prefix + key, [prefix + n for n in fields])}")
+            raise ConfigError(f"unknown config key '{prefix}{key}': {closest(prefix + key, [prefix + n for n in fields])}")
         factory = fields[key].default_factory
         if dataclasses.is_dataclass(hints[key]) and factory is not dataclasses.MISSING and isinstance(value, (dict, type(None))):
             value = merge(dataclasses.asdict(factory()), value or {})
@@ -156,14 +168,22 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def from_dict(data: dict) -> Any:
-    """Resolve a raw mapping (YAML content plus overrides) into the track's typed config."""
-    _load_tracks()
+    """Resolve a raw mapping (YAML content plus overrides) into the typed config of its track and
+    algorithm, the method's own defaults filling the keys the mapping leaves out."""
+    from . import registry
+
+    registry.load_all()
+    tracks = registry.TRACKS
     if not isinstance(data, dict) or "track" not in data:
-        raise ConfigError(f"config needs a top-level 'track:' key, one of: {', '.join(sorted(TRACKS))}")
+        raise ConfigError(f"config needs a top-level 'track:' key, one of: {', '.join(sorted(tracks))}")
     track = data["track"]
-    if track not in TRACKS:
-        raise ConfigError(f"unknown track '{track}': {_closest(str(track), TRACKS)}")
-    return build(TRACKS[track], data)
+    if not isinstance(track, str) or track not in tracks:
+        raise ConfigError(f"unknown track '{track}': {closest(str(track), tracks)}")
+    name = data.get("algorithm", "maml")
+    if not isinstance(name, str):
+        raise ConfigError(f"'algorithm' must be a name, got {name!r}: valid: {', '.join(registry.names(tracks[track].kind))}")
+    cls = registry.config_class(track, name)
+    return build(cls, merge(registry.method_defaults(track, name), data))
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Any:
@@ -175,7 +195,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Any:
             path = alt
         else:
             known = sorted(p.stem for p in Path("experiments").glob("*.yaml")) if Path("experiments").is_dir() else []
-            raise ConfigError(f"config file '{path}' not found" + (f": {_closest(path.stem, known)}" if known else ""))
+            raise ConfigError(f"config file '{path}' not found" + (f": {closest(path.stem, known)}" if known else ""))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -190,10 +210,3 @@ def to_dict(cfg: Any) -> dict:
 def dump(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
-
-def _load_tracks() -> None:
-    """Import the modules that register tracks (kept lazy so ``metarl.config`` stays light)."""
-    import importlib
-
-    for mod in ("metarl.tracks",):
-        importlib.import_module(mod)

@@ -57,6 +57,14 @@ class RunLogger:
                 self._tb.add_scalar(k, float(v), iteration)
         self._bar.set_postfix({k: f"{float(v):.4g}" for k, v in list(metrics.items())[:3]})
 
+    def hyperparameters(self, config: dict) -> None:
+        """The run's resolved config as a two-column table in TensorBoard's Text tab (cleanrl's
+        habit: the numbers beside the curves they produced)."""
+        if self._tb is None:
+            return
+        rows = [f"|{k}|{v}|" for k, v in flatten(config).items()]
+        self._tb.add_text("hyperparameters", "|parameter|value|\n|-|-|\n" + "\n".join(rows), 0)
+
     def advance(self, n: int = 1) -> None:
         self._bar.update(n)
 
@@ -65,3 +73,14 @@ class RunLogger:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """Nested sections as dotted keys: {"inner": {"lr": 0.1}} -> {"inner.lr": 0.1}."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out

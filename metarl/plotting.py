@@ -16,16 +16,18 @@ LABELS = {"mse": "mean squared error", "accuracy": "accuracy", "return": "averag
 def adaptation_plot(runs: dict[str, dict], path: str | Path, title: str = "") -> None:
     """``runs``: label → adaptation.json content; every method of every run is one curve."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    metric = None
+    metric, axis = None, "inner gradient steps"
     for run_label, data in runs.items():
         metric = data["metric"]
+        if data.get("curve_axis", "inner steps") != "inner steps":
+            axis = data["curve_axis"]
         steps = np.asarray(data["steps"])
         for method, d in data["methods"].items():
             m, c = np.asarray(d["mean"]), np.asarray(d["ci95"])
             label = f"{run_label}: {method}" if run_label else method
             line, = ax.plot(steps, m, marker="o", ms=3, label=label)
             ax.fill_between(steps, m - c, m + c, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("inner gradient steps")
+    ax.set_xlabel(axis)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_ylabel(LABELS.get(metric, metric or ""))
     if metric == "mse":

@@ -1,8 +1,8 @@
 """The outer loop every track shares: sample, update, log, checkpoint, resume, stop cleanly.
 
-A track (see :mod:`metarl.tracks`) owns its models and its update rule (Adam on the MAML loss for
-supervised tracks, TRPO for meta-RL); this loop owns everything that must be the same for all of
-them: seeding, the RNG that samples tasks, logging, atomic checkpoints every
+A track (see :mod:`metarl.tracks`) owns the problem and the method its config names (``algorithm:``,
+:mod:`metarl.registry`) owns the update rule; this loop owns everything that must be the same for
+all of them: seeding, the RNG that samples tasks, logging, atomic checkpoints every
 ``checkpoint_every`` iterations and on SIGINT/SIGTERM, bitwise-exact ``--resume``, and stopping on
 a non-finite loss without touching the last good checkpoint.
 """
@@ -36,13 +36,10 @@ def check_finite(metrics: dict[str, float], iteration: int) -> None:
                             f"(--set outer.lr=..., --set inner.lr=...) and --resume from the last good checkpoint")
 
 
-RESUMABLE = ("iterations", "checkpoint_every", "snapshot_every", "log_every", "eval",
-             "inner.eval_steps", "inner.eval_lr", "inner.eval_lr_grid", "inner.eval_episodes", "inner.eval_timesteps", "inner.eval_protocol",  # evaluation only
-             "sampler", "outer.threads", "inner.task_workers")  # speed only (a run moved to a free machine)
-
-
-def _resumable(key: str) -> bool:
-    return any(key == r or key.startswith(r + ".") for r in RESUMABLE)
+def _resumable(key: str, keys: list[str]) -> bool:
+    """May ``key`` change on --resume? ``keys``: the config's fields declared with
+    :func:`metarl.config.resumable` (a section's name covers its fields)."""
+    return any(key == r or key.startswith(r + ".") for r in keys)
 
 
 def _changed_keys(now: dict, saved: dict, prefix: str = "") -> list[str]:
@@ -66,7 +63,7 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 def make_track(cfg):
-    from .tracks import build_track
+    from .registry import build_track
 
     return build_track(cfg)
 
@@ -115,16 +112,18 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
         state = checkpoint.load(run_dir)
         saved = dict(state["config"])
         now = configlib.to_dict(cfg)
-        changed = [k for k in _changed_keys(now, saved) if not _resumable(k)]
+        keys = configlib.resumable_keys(type(cfg))
+        changed = [k for k in _changed_keys(now, saved) if not _resumable(k, keys)]
         if changed:
             raise RunDirError(f"--resume with a different config ({', '.join(changed)} changed): only "
-                              f"{', '.join(RESUMABLE)} may change; use a new --run-dir otherwise")
+                              f"{', '.join(keys)} may change; use a new --run-dir otherwise")
         track.load_state_dict(state["track"])
         checkpoint.restore_rng(state["rng"], rng)
         start = int(state["iteration"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(configlib.dump(cfg))
     logger = RunLogger(run_dir, cfg.iterations, start, tensorboard=tensorboard)
+    logger.hyperparameters(configlib.to_dict(cfg))
     last_saved = start
     try:
         with _StopFlag() as stop:

@@ -90,8 +90,8 @@ def test_deterministic_by_seed_and_fixed_episodes():
     sampler.sample(3)  # the sampler's own state must not matter
     batches = list(sampler.fixed_episodes(10, seed=42, batch_size=4))
     assert [len(b.x_support) for b in batches] == [4, 4, 2]
-    for field in range(4):
-        assert torch.equal(whole[field], torch.cat([b[field] for b in batches]))
+    for field in ("x_support", "y_support", "x_query", "y_query"):
+        assert torch.equal(getattr(whole, field), torch.cat([getattr(b, field) for b in batches]))
     other = next(sampler.fixed_episodes(10, seed=43))
     assert not torch.equal(whole.x_support, other.x_support)
 

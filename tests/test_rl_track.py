@@ -268,15 +268,15 @@ def test_evaluation_with_a_step_size_grid():
     try:
         result = track.evaluate(n_tasks=4, steps=2, seed=0)
         test_tasks = track.task_env.sample_tasks(4, np.random.default_rng([0, 1]))
-        chosen = result.extra["step_sizes"]["maml"]["chosen"]
+        chosen = result.step_sizes["maml"]["chosen"]
         data, _, _ = maml_trpo.collect_adapted(track.policy, track.collector, params_of(track.policy), test_tasks, 6,
                                                cfg.advantages, 2, chosen, 0)
     finally:
         rl_track.select_step_sizes = original
         track.close()
     assert len(seen) == 2 and all(len(t) == 3 and t != test_tasks[:3] for t in seen)   # maml and random, on validation tasks
-    sizes = result.extra["step_sizes"]
+    sizes = result.step_sizes
     assert set(sizes) == {"maml", "random"} and all(len(d["chosen"]) == 2 and set(d["chosen"]) <= {0.05, 0.5} for d in sizes.values())
     np.testing.assert_array_equal(result.curves["maml"], np.stack([e.mean_returns().numpy() for e, _ in data], axis=1))
     summary = evaluation.summary(result)
-    assert summary["step_sizes"]["random"]["grid"] == [0.05, 0.5] and len(summary["step_sizes"]["maml"]["validation_returns"]) == 2
+    assert summary["step_sizes"]["random"]["grid"] == [0.05, 0.5] and len(summary["step_sizes"]["maml"]["validation_scores"]) == 2

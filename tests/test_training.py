@@ -84,12 +84,21 @@ def test_snapshot_holds_the_state_of_a_run_that_stopped_there(tmp_path):
 
 
 def test_speed_only_settings_may_change_on_resume():
+    """The fields declared resumable (config.resumable) are exactly the evaluation, bookkeeping and
+    speed settings; anything that changes the trained numbers is not."""
+    from metarl.config import resumable_keys
+    from metarl.tracks.rl import RLConfig
+    from metarl.tracks.sine import SineConfig
     from metarl.training import _resumable
 
+    keys = resumable_keys(RLConfig)
     for key in ("iterations", "eval.tasks", "sampler.workers", "outer.threads", "inner.eval_lr", "inner.eval_steps"):
-        assert _resumable(key), key
-    for key in ("inner.lr", "outer.max_kl", "outer.threads_extra", "samplers", "seed"):
-        assert not _resumable(key), key
+        assert _resumable(key, keys), key
+    for key in ("inner.lr", "outer.max_kl", "outer.threads_extra", "samplers", "seed", "algorithm", "meta_batch"):
+        assert not _resumable(key, keys), key
+    sine = resumable_keys(SineConfig)
+    assert "sine_eval" in sine and "inner.eval_steps" in sine
+    assert "inner.task_workers" not in sine  # it regroups float sums: the result moves by ~1e-5
 
 
 def test_corrupt_checkpoint_is_reported_and_previous_is_kept(tmp_path):

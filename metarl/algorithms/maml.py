@@ -17,11 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from ..adaptation import adapt, trajectory
-from ..functional import Params, forward, forward_tasks, stack
+from ..config import resumable
+from ..functional import Params, forward, forward_tasks, params_of, stack
+from ..registry import algorithm
 from ..tasks.batch import TaskBatch
 from ..threads import resolve_workers, task_pool
-
-PerTaskLoss = Callable[[Tensor, Tensor], Tensor]  # (pred [T, N, ...], target) -> [T]
+from .base import Method, PerTaskLoss, Problem, finite
 
 
 @dataclass
@@ -31,7 +32,7 @@ class InnerConfig:
     """Inner step size α (sine: 0.01, Omniglot 5-way: 0.4)."""
     steps: int = 1
     """Inner gradient steps during meta-training."""
-    eval_steps: int = 10
+    eval_steps: int = resumable(10, why="evaluation only")
     """Inner steps recorded by ``metarl evaluate`` (the adaptation curve's x axis)."""
     first_order: bool = False
     """First-order MAML: drop the second-order terms (Finn et al. 2017 sec. 5.2)."""
@@ -119,11 +120,57 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBat
     return torch.cat([preds for preds, _ in results])
 
 
-def adaptation_curve(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss,
-                     metric: PerTaskLoss, *, steps: int, lr, only=None) -> Tensor:
-    """Metric on the query set after 0..steps inner steps, per task: [steps + 1, T] (no outer graph)."""
+def adapted_predictions(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss, *,
+                        steps: int, lr, only=None) -> list[Tensor]:
+    """Query predictions after 0..steps inner steps, per task: steps + 1 tensors [T, Nq, ...]
+    (evaluation: no outer graph; the adaptation curve is the metric on each)."""
     stacked = stack({k: v.detach() for k, v in params.items()}, batch.n_tasks)
     phis = trajectory(lambda p: loss(forward_tasks(model, p, batch.x_support), batch.y_support).sum(),
                       stacked, steps, lr=lr, only=only)
     with torch.no_grad():
-        return torch.stack([metric(forward_tasks(model, phi, batch.x_query), batch.y_query) for phi in phis])
+        return [forward_tasks(model, phi, batch.x_query) for phi in phis]
+
+
+@algorithm("maml")
+class MAML(Method):
+    """MAML (Finn et al. 2017, Algorithm 2): θ is the model's initial weights; a task adapts by
+    ``inner.steps`` SGD steps of size ``inner.lr`` on its support loss; Adam (``outer.lr``)
+    minimises the mean query loss at φ, differentiated through the inner steps (second order)
+    unless ``inner.first_order``. It owns nothing beyond θ."""
+    first_order = False
+
+    def __init__(self, problem: Problem, cfg):
+        super().__init__(problem, cfg)
+        self.model = problem.make_model()
+        self.modules[self.name] = self.model
+        self.optimizers[self.name] = torch.optim.Adam(self.model.parameters(), lr=cfg.outer.lr)
+
+    def inner_kwargs(self) -> dict:
+        kw = self.cfg.inner.training_kwargs()
+        kw["first_order"] = kw["first_order"] or self.first_order
+        return kw
+
+    def train_step(self, batch: TaskBatch, iteration: int) -> dict[str, float]:
+        opt = self.optimizers[self.name]
+        opt.zero_grad(set_to_none=True)  # meta_backward accumulates into .grad; the step waits for the finiteness check
+        preds = meta_backward(self.model, params_of(self.model), batch, self.problem.loss, **self.inner_kwargs())
+        metrics = query_metrics(self.name, self.problem, preds, batch)
+        if finite(metrics):
+            opt.step()
+        return metrics
+
+    def predict(self, batch: TaskBatch, steps: int) -> list[Tensor]:
+        i = self.cfg.inner
+        return adapted_predictions(self.model, params_of(self.model), batch, self.problem.loss, steps=steps, lr=i.lr, only=i.only)
+
+    def step_sizes(self) -> dict:
+        return {"inner_lr": self.cfg.inner.lr}
+
+
+def query_metrics(name: str, problem: Problem, preds: Tensor, batch: TaskBatch) -> dict[str, float]:
+    """The training metrics of a meta-batch's query predictions: ``loss/<name>`` and, for
+    classification, ``accuracy/<name>``."""
+    out = {f"loss/{name}": problem.loss(preds, batch.y_query).mean().item()}
+    if problem.higher_is_better:
+        out[f"{problem.metric_name}/{name}"] = problem.metric(preds, batch.y_query).mean().item()
+    return out

@@ -16,6 +16,7 @@ composes them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ import torch
 from torch import Tensor
 
 from ..adaptation import inner_step
+from ..config import resumable
+from ..evaluation import check_step_grid, choose_step_sizes_greedy
+from ..registry import algorithm
+from .base import Method
 from ..advantages import LinearFeatureBaseline, discounted_returns, gae, normalize_advantages
 from ..functional import Params, stack
 from ..objectives import gaussian_kl, reinforce_loss, step_weights, surrogate_loss
@@ -42,9 +47,9 @@ class RLInnerConfig:
     """Inner step size α of the REINFORCE update."""
     steps: int = 1
     """Inner steps in meta-training (each collects fresh episodes under the current φ)."""
-    eval_steps: int = 3
+    eval_steps: int = resumable(3, why="evaluation only")
     """Inner steps on the evaluation curve."""
-    eval_lr: Union[float, list[float], None] = None
+    eval_lr: Union[float, list[float], None] = resumable(None, why="evaluation only")
     """Step size at evaluation (null = lr); a list gives one per step, its last entry repeating
     (the paper's 2D-navigation test used 0.5 and then a smaller step, see experiments/nav2d.yaml)."""
     episodes: int = 20
@@ -53,20 +58,20 @@ class RLInnerConfig:
     """Meta-training batches sized in steps instead: whole episodes per task until it holds at
     least this many (the paper's code collects 20 x 100 = 2,000 steps per task on 2D navigation,
     so a policy that reaches the goal early contributes more episodes). null = ``episodes``."""
-    eval_episodes: Optional[int] = None
+    eval_episodes: Optional[int] = resumable(None, why="evaluation only")
     """Episodes per task per step at evaluation (null = episodes)."""
-    eval_timesteps: Optional[int] = None
+    eval_timesteps: Optional[int] = resumable(None, why="evaluation only")
     """At evaluation, collect whole episodes per task per step until it holds at least this many
     steps (rllab's batch_size; the paper's 2D-navigation test: 4000), instead of eval_episodes.
     Adapted policies that end episodes early then get more episodes, as in the paper."""
-    eval_protocol: Literal["rounds", "rllab"] = "rounds"
+    eval_protocol: Literal["rounds", "rllab"] = resumable("rounds", why="evaluation only")
     """How eval_timesteps batches are collected. ``rounds``: whole episodes, unbiased (every
     episode started is kept). ``rllab``: the paper's test sampler (rllab's VectorizedSampler;
     :meth:`Collector.collect_timesteps` with ``lockstep=True``), eval_timesteps / horizon envs per
     task in lock-step, stopped once the finished episodes hold eval_timesteps steps, the episodes
     still running dropped. It over-weights short episodes, so it reads higher wherever some
     episodes end early; use it to compare with the paper's numbers, not as the estimate."""
-    eval_lr_grid: Optional[list[float]] = None
+    eval_lr_grid: Optional[list[float]] = resumable(None, why="evaluation only")
     """Choose the test step sizes instead of fixing them: each evaluated method (maml, random,
     pretrain) gets, step by step, the size from this grid with the highest mean return on
     ``eval.validation_tasks`` fresh validation tasks (a seed stream disjoint from the test tasks;
@@ -109,7 +114,7 @@ class RLOuterConfig:
     but 10 float32 CG iterations on a small ill-conditioned problem (e.g. 2D navigation) amplify
     rounding differences to ~1% of the step, so the two paths' training runs are not bit-identical
     ("autograd" reproduces runs made before closed_form existed bit for bit)."""
-    threads: int = 0
+    threads: int = resumable(0, why="speed only")
     """torch intra-op threads for the TRPO step only, restored afterwards (sampling keeps its own
     setting); 0 = leave the process's setting unchanged. The collector is idle during the step, so
     2 can pay off on a dedicated machine; on a loaded one OpenMP threads wait on each other (2
@@ -187,12 +192,6 @@ def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_
     return out, params, timing
 
 
-def check_step_grid(grid: Sequence[float]) -> None:
-    """A step-size grid is a non-empty list of finite sizes >= 0 (ValueError naming the grid)."""
-    if not grid or any(not math.isfinite(lr) or lr < 0 for lr in grid):
-        raise ValueError(f"step-size grid must be a non-empty list of finite sizes >= 0, e.g. [0.05, 0.1, 0.25, 0.5], got {list(grid)}")
-
-
 def select_step_sizes(policy, collector, theta: Params, tasks, episodes: int, adv_cfg: AdvantageConfig,
                       steps: int, grid: Sequence[float], seed: int, timesteps: Optional[int] = None,
                       lockstep: bool = False) -> tuple[list[float], list[list[float]]]:
@@ -210,22 +209,16 @@ def select_step_sizes(policy, collector, theta: Params, tasks, episodes: int, ad
     validation return of every candidate: [steps][len(grid)])."""
     check_step_grid(grid)
     params = stack({k: v.detach() for k, v in theta.items()}, len(tasks))
-    eps = _collect(collector, policy, params, tasks, episodes, timesteps, lockstep, seed * 1000)
-    chosen, table = [], []
-    for s in range(steps):
-        loss = inner_loss(policy, eps, advantages(eps, adv_cfg), adv_cfg.reduction)
-        best, row = None, []
-        for lr in grid:
-            candidate = inner_step(loss, params, float(lr))
-            batch = _collect(collector, policy, candidate, tasks, episodes, timesteps, lockstep,
-                             seed * 1000 + s + 1)  # common random numbers, as collect_adapted's step s+1
-            row.append(float(batch.mean_returns().mean()))
-            if best is None or row[-1] > best[0]:
-                best = (row[-1], float(lr), candidate, batch)
-        table.append(row)
-        chosen.append(best[1])
-        params, eps = best[2], best[3]
-    return chosen, table
+    start = (params, _collect(collector, policy, params, tasks, episodes, timesteps, lockstep, seed * 1000))
+
+    def advance(state, lr: float, s: int):
+        params, eps = state
+        candidate = inner_step(inner_loss(policy, eps, advantages(eps, adv_cfg), adv_cfg.reduction), params, lr)
+        batch = _collect(collector, policy, candidate, tasks, episodes, timesteps, lockstep,
+                         seed * 1000 + s + 1)  # common random numbers, as collect_adapted's step s+1
+        return (candidate, batch), float(batch.mean_returns().mean())
+
+    return choose_step_sizes_greedy(start, advance, grid, steps, higher_is_better=True)
 
 
 # --------------------------------------------------------------- exact Fisher-vector products
@@ -569,3 +562,30 @@ def trpo_outer_step(policy, theta: Params, train, valid, valid_adv: Tensor, phi_
     return trpo_step(theta, surrogate, kl, max_kl=outer.max_kl, cg_iters=outer.cg_iters, damping=outer.cg_damping,
                      ls_ratio=outer.ls_ratio, ls_steps=outer.ls_steps, loss_and_kl_fn=loss_and_kl, fvp_fn=fvp_fn,
                      loss_and_grad_fn=loss_and_grad_fn)
+
+
+# ------------------------------------------------------------------------------- the method
+
+@algorithm("maml", kinds=("rl",))
+class MAMLTRPO(Method):
+    """MAML-TRPO (Finn et al. 2017, Algorithm 3) as the RL track's ``algorithm: maml``: owns the
+    Gaussian MLP policy θ (and Adam when ``outer.optimizer`` is vpg); one meta-iteration is
+    :func:`meta_update`. The pre-update episodes D_i are held fixed in the outer objective, so the
+    meta-gradient omits the term from θ's influence on sampling D_i, as the paper's code did
+    (ProMP, Rothfuss et al. 2019, restores it)."""
+    first_order = False
+
+    def __init__(self, track, cfg):
+        super().__init__(track, cfg)
+        self.policy = track._new_policy()
+        self.modules[self.name] = self.policy
+        if cfg.outer.optimizer == "vpg":
+            self.optimizers[self.name] = torch.optim.Adam(self.policy.parameters(), lr=cfg.outer.lr)
+        self.collector = track.collector
+
+    def train_step(self, tasks, seed: int) -> dict[str, float]:
+        inner = self.cfg.inner
+        if self.first_order and not inner.first_order:
+            inner = dataclasses.replace(inner, first_order=True)
+        return meta_update(self.policy, self.collector, tasks, inner, self.cfg.advantages, self.cfg.outer, seed,
+                           optimizer=self.optimizers.get(self.name))

@@ -19,10 +19,12 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from .batch import TaskBatch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
@@ -241,16 +243,6 @@ class ClassPool:
 # ----------------------------------------------------------------------------- episodes
 
 
-class Episodes(NamedTuple):
-    """A batch of ``E`` episodes. Images are float32 in [0, 1], ``[E, N*S, C, H, W]``, class-major
-    (the ``S`` images of label 0 first, then label 1, ...); labels are int64 ``[E, N*S]``."""
-
-    x_support: torch.Tensor
-    y_support: torch.Tensor
-    x_query: torch.Tensor
-    y_query: torch.Tensor
-
-
 RngLike = np.random.Generator | torch.Generator | int | None
 
 
@@ -320,8 +312,10 @@ class EpisodeSampler:
         samples = _choose(g, (n_episodes, self.n_way, self._max_count), self.k_shot + self.q_query, valid)
         return classes, samples
 
-    def episodes(self, classes: np.ndarray, samples: np.ndarray) -> Episodes:
-        """Gather the :class:`Episodes` named by :meth:`sample_indices`."""
+    def episodes(self, classes: np.ndarray, samples: np.ndarray) -> TaskBatch:
+        """Gather the episodes named by :meth:`sample_indices` as a :class:`TaskBatch`: images float32
+        in [0, 1], ``[E, N*S, C, H, W]``, class-major (the ``S`` images of label 0 first, then label
+        1, ...); labels int64 ``[E, N*S]``; ``info`` holds each episode's pool classes ``[E, N]``."""
         e, n = classes.shape
         k, q = self.k_shot, self.q_query
         x = self.pool.gather(classes, samples)  # uint8 [E, N, K+Q, C, H, W]
@@ -335,14 +329,14 @@ class EpisodeSampler:
             labels = torch.arange(n, dtype=torch.int64).repeat_interleave(per_class).repeat(e, 1)
             return images, labels
 
-        return Episodes(*part(x[:, :, :k], k), *part(x[:, :, k:], q))
+        return TaskBatch(*part(x[:, :, :k], k), *part(x[:, :, k:], q), info=classes)
 
-    def sample(self, n_episodes: int, rng: RngLike = None) -> Episodes:
+    def sample(self, n_episodes: int, rng: RngLike = None) -> TaskBatch:
         """``n_episodes`` random episodes. ``rng`` (numpy/torch generator or int seed) defaults to the
         sampler's own generator, seeded at construction, so a fixed seed gives a fixed sequence."""
         return self.episodes(*self.sample_indices(n_episodes, rng))
 
-    def fixed_episodes(self, n: int, seed: int, batch_size: int | None = None) -> Iterator[Episodes]:
+    def fixed_episodes(self, n: int, seed: int, batch_size: int | None = None) -> Iterator[TaskBatch]:
         """The same ``n`` episodes for the same ``seed``, e.g. the 600 test episodes of an evaluation.
 
         All indices are drawn up front from ``seed`` alone (not the sampler's own state), then gathered

@@ -63,3 +63,20 @@ def with_task_inputs(x: torch.Tensor, tasks: np.ndarray) -> torch.Tensor:
     """Append (amplitude, phase) to every input: the oracle's view of a task."""
     tv = torch.as_tensor(tasks, dtype=x.dtype)[:, None, :].expand(x.shape[0], x.shape[1], 2)
     return torch.cat([x, tv], dim=-1)
+
+
+class SineTasks:
+    """The sine task distribution as a :class:`~metarl.tasks.batch.TaskDistribution`: ``sample``
+    draws tasks, then their support and query inputs, from one generator (in that order, so a
+    seed fixes both). ``info`` carries each task's (amplitude, phase) for the oracle baseline."""
+
+    def __init__(self, cfg: SineTaskConfig, k_shot: int | None = None, k_query: int | None = None):
+        self.cfg = cfg
+        self.k_shot = cfg.k_shot if k_shot is None else k_shot
+        self.k_query = cfg.k_query if k_query is None else k_query
+
+    def sample(self, n: int, rng: np.random.Generator) -> TaskBatch:
+        tasks = sample_tasks(self.cfg, n, rng)
+        batch = make_batch(self.cfg, tasks, self.k_shot, self.k_query, rng)
+        batch.info = tasks
+        return batch

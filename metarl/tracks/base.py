@@ -1,7 +1,8 @@
 """What every track's config and object share.
 
-A track is the glue of one benchmark: it builds the models, owns the update rule
-(``train_step``) and knows how to evaluate (``evaluate``); :mod:`metarl.training` runs it.
+A track is one problem: its task distribution, its models, its loss and metric, its baselines.
+The method that learns on it (``algorithm:``) is built by the track from the registry and owns
+the outer update; :mod:`metarl.training` runs ``train_step`` and checkpoints ``state_dict``.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 from torch import nn
+
+from ..config import resumable
 
 
 @dataclass
@@ -26,16 +29,21 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     track: str = ""
+    """The problem: sine, fewshot or rl."""
+    algorithm: str = "maml"
+    """The method (metarl/algorithms/<name>.py): maml, fomaml, ...; `metarl train --help` lists them."""
     seed: int = 0
     """Seeds torch, NumPy's task sampler and Python's random."""
-    iterations: int = 1000
+    iterations: int = resumable(1000, why="length of the run")
     """Meta-training iterations (outer updates)."""
-    checkpoint_every: int = 500
-    snapshot_every: int = 0
+    checkpoint_every: int = resumable(500, why="bookkeeping")
+    """Save RUN_DIR/checkpoint.pt every N iterations (and at the end and on SIGINT/SIGTERM)."""
+    snapshot_every: int = resumable(0, why="bookkeeping")
     """Also keep the state every N iterations as RUN_DIR/snapshots/iteration_N.pt (0 = never), to
     evaluate earlier iterations: ``metarl evaluate RUN_DIR --iteration N``."""
-    log_every: int = 50
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    log_every: int = resumable(50, why="bookkeeping")
+    """Write metrics.csv / TensorBoard every N iterations."""
+    eval: EvalConfig = resumable(why="evaluation only", default_factory=EvalConfig)
 
     def validate(self):
         from ..config import ConfigError
@@ -53,26 +61,28 @@ class Track:
         self.run_dir = None
 
     def state_dict(self) -> dict:
+        method = getattr(self, "method", None)
         return {"modules": {k: m.state_dict() for k, m in self.modules.items()},
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "method": method.extra_state() if method is not None else {}}
 
     def load_state_dict(self, state: dict) -> None:
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
+        method = getattr(self, "method", None)
+        if method is not None:
+            method.load_extra_state(state.get("method", {}))
 
     def train_step(self, iteration: int, rng: np.random.Generator) -> dict[str, float]:
         raise NotImplementedError
 
-    def step_optimizers(self, losses: dict) -> None:
-        """One optimizer step per method. "maml" already holds its gradient (``meta_backward``
-        accumulated it into ``.grad``; its loss here is a detached value); every other loss is
-        backpropagated first."""
+    def step_baselines(self, losses: dict) -> None:
+        """One optimizer step per baseline loss (the method steps itself in its ``train_step``)."""
         for k, loss in losses.items():
-            if k != "maml":
-                self.optimizers[k].zero_grad(set_to_none=True)
-                loss.backward()
+            self.optimizers[k].zero_grad(set_to_none=True)
+            loss.backward()
             self.optimizers[k].step()
 
     def after_training(self) -> list[str]:

@@ -1,8 +1,7 @@
-"""N-way K-shot classification (Omniglot, MiniImageNet, CIFAR-FS) with MAML and a pretrain baseline.
+"""N-way K-shot classification (Omniglot, MiniImageNet, CIFAR-FS): the problem and its baseline.
 
-Finn et al. 2017 sec. 5.2: Conv4, inner SGD on the support set's cross-entropy, Adam on the query
-loss after adaptation. The same engine as the sine track: episodes are the horizon-1 "task data".
-- **maml** (or first-order with ``inner.first_order``);
+Finn et al. 2017 sec. 5.2: a Conv4 learner, cross-entropy on episodes (the horizon-1 "task data");
+the method (``algorithm:``, default MAML) does the learning. The baseline:
 - **pretrain**: one Conv4 classifier over all meta-train classes, trained in the same loop on
   batches of labelled images; at evaluation its head is replaced by a zero-initialised N-way head
   and only the head is fine-tuned on the support set, with its step size picked on validation
@@ -18,14 +17,17 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from ..algorithms.maml import InnerConfig, adaptation_curve, meta_backward
-from ..config import ConfigError, register_track
-from ..evaluation import EvalResult
+from .. import evaluation
+from ..algorithms.base import Problem
+from ..algorithms.maml import InnerConfig
+from ..config import ConfigError, resumable
 from ..functional import params_of
 from ..objectives import accuracy, cross_entropy
+from ..registry import register_track
 from ..tasks.batch import TaskBatch
-from .base import EvalConfig, RunConfig, Track
+from .base import EvalConfig, RunConfig
 from .sine import OuterConfig
+from .supervised import SupervisedTrack
 
 HEAD = ("head.weight", "head.bias")
 
@@ -79,14 +81,14 @@ class FewShotEvalConfig(EvalConfig):
     tasks: int = 600
 
 
-@register_track("fewshot")
 @dataclass
 class FewShotConfig(RunConfig):
     track: str = "fewshot"
-    iterations: int = 60_000
-    checkpoint_every: int = 1000
-    log_every: int = 100
+    iterations: int = resumable(60_000, why="length of the run")
+    checkpoint_every: int = resumable(1000, why="bookkeeping")
+    log_every: int = resumable(100, why="bookkeeping")
     meta_batch: int = 32
+    """Episodes per meta-update."""
     data: DataConfig = field(default_factory=DataConfig)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     model: ConvConfig = field(default_factory=ConvConfig)
@@ -94,8 +96,8 @@ class FewShotConfig(RunConfig):
     outer: OuterConfig = field(default_factory=OuterConfig)
     baselines: list[Literal["pretrain"]] = field(default_factory=lambda: ["pretrain"])
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    fewshot_eval: FewShotEvalExtras = field(default_factory=FewShotEvalExtras)
-    eval: FewShotEvalConfig = field(default_factory=FewShotEvalConfig)
+    fewshot_eval: FewShotEvalExtras = resumable(why="evaluation only", default_factory=FewShotEvalExtras)
+    eval: FewShotEvalConfig = resumable(why="evaluation only", default_factory=FewShotEvalConfig)
 
     def validate(self):
         super().validate()
@@ -117,14 +119,8 @@ def load_pools(cfg: DataConfig):
     return tuple(loader(split(s), cfg.dir) for s in (cfg.train_split, cfg.val_split, cfg.test_split))
 
 
-def to_batch(ep) -> TaskBatch:
-    t = lambda a: torch.as_tensor(a)
-    return TaskBatch(t(ep.x_support), t(ep.y_support), t(ep.x_query), t(ep.y_query))
-
-
-class FewShotTrack(Track):
+class FewShotTrack(SupervisedTrack):
     def __init__(self, cfg: FewShotConfig):
-        super().__init__(cfg)
         from metarl.policies.conv4 import Conv4
         from ..tasks.episodes import EpisodeSampler
 
@@ -132,61 +128,54 @@ class FewShotTrack(Track):
         c, h, _ = self.train_pool.image_shape
         ep = cfg.episode
         mk = lambda n_out: Conv4(in_channels=c, n_way=n_out, hidden=cfg.model.hidden, image_size=h, pooling=cfg.model.pooling)
-        self.model = mk(ep.n_way)
-        self.modules["maml"] = self.model
+        super().__init__(cfg, Problem(track="fewshot", make_model=lambda: mk(ep.n_way), loss=cross_entropy, metric=accuracy,
+                                      metric_name="accuracy", higher_is_better=True, head=HEAD, n_way=ep.n_way))
+        self.sampler = lambda pool: EpisodeSampler(pool, ep.n_way, ep.k_shot, ep.q_query)
+        self.train_tasks = self.sampler(self.train_pool)
         if "pretrain" in cfg.baselines:
             self.modules["pretrain"] = mk(self.train_pool.n_classes)
-        self.optimizers = {k: torch.optim.Adam(m.parameters(), lr=cfg.outer.lr) for k, m in self.modules.items()}
-        self.sampler = lambda pool: EpisodeSampler(pool, ep.n_way, ep.k_shot, ep.q_query)
+            self.optimizers["pretrain"] = torch.optim.Adam(self.modules["pretrain"].parameters(), lr=cfg.outer.lr)
+        with torch.random.fork_rng():  # its weights are never used, so it must not shift the RNG stream
+            self._learner = mk(ep.n_way)  # the N-way architecture the pretrain baseline is fine-tuned in
 
-    def train_step(self, iteration: int, rng: np.random.Generator) -> dict[str, float]:
-        cfg = self.cfg
-        batch = to_batch(self.sampler(self.train_pool).sample(cfg.meta_batch, rng))
-        # MAML's gradient is accumulated now (by task workers, inner.task_workers) and applied
-        # only after the finiteness check below, like the baseline's
-        self.optimizers["maml"].zero_grad(set_to_none=True)
-        logits = meta_backward(self.model, params_of(self.model), batch, cross_entropy, **cfg.inner.training_kwargs())
-        losses = {"maml": cross_entropy(logits, batch.y_query).mean()}
-        metrics = {"accuracy/maml": accuracy(logits, batch.y_query).mean().item()}
-        if "pretrain" in self.modules:
-            pool = self.train_pool
-            classes = rng.integers(pool.n_classes, size=cfg.pretrain.batch_size)
-            samples = (rng.random(cfg.pretrain.batch_size) * pool.counts[classes]).astype(np.int64)[:, None]
-            x = torch.as_tensor(pool.gather(classes, samples)[:, 0], dtype=torch.float32) / 255.0
-            out = self.modules["pretrain"](x)
-            y = torch.as_tensor(classes)
-            losses["pretrain"] = torch.nn.functional.cross_entropy(out, y)
-            metrics["accuracy/pretrain"] = (out.argmax(-1) == y).float().mean().item()
-        metrics.update({f"loss/{k}": v.item() for k, v in losses.items()})
-        if all(np.isfinite(list(metrics.values()))):
-            self.step_optimizers(losses)
-        return metrics
+    def baseline_losses(self, batch: TaskBatch, rng: np.random.Generator):
+        if "pretrain" not in self.modules:
+            return {}, {}
+        cfg, pool = self.cfg, self.train_pool
+        classes = rng.integers(pool.n_classes, size=cfg.pretrain.batch_size)
+        samples = (rng.random(cfg.pretrain.batch_size) * pool.counts[classes]).astype(np.int64)[:, None]
+        x = torch.as_tensor(pool.gather(classes, samples)[:, 0], dtype=torch.float32) / 255.0
+        out = self.modules["pretrain"](x)
+        y = torch.as_tensor(classes)
+        return ({"pretrain": torch.nn.functional.cross_entropy(out, y)},
+                {"accuracy/pretrain": (out.argmax(-1) == y).float().mean().item()})
 
     # ---- evaluation -------------------------------------------------------------------------
+    def eval_batches(self, n: int, seed: int, stream: int = 1, pool=None):
+        """The ``n`` test episodes of ``seed`` (or of another pool), ``fewshot_eval.chunk`` at a time."""
+        return self.sampler(pool or self.test_pool).fixed_episodes(n, seed, batch_size=self.cfg.fewshot_eval.chunk)
+
     def _pretrain_start(self):
         """Pretrained backbone + a zero N-way head, run through the N-way architecture."""
         p = {k: v.detach() for k, v in params_of(self.modules["pretrain"]).items()}
         for name in HEAD:
-            p[name] = torch.zeros_like(params_of(self.model)[name])
+            p[name] = torch.zeros_like(params_of(self._learner)[name])
         return p
 
-    def _curves(self, pool, n: int, steps: int, seed: int, start, lr, only) -> np.ndarray:
-        chunks = []
-        for ep in self.sampler(pool).fixed_episodes(n, seed, batch_size=self.cfg.fewshot_eval.chunk):
-            batch = to_batch(ep)
-            chunks.append(adaptation_curve(self.model, start, batch, cross_entropy, accuracy, steps=steps, lr=lr, only=only))
-        return torch.cat(chunks, dim=1).T.numpy()
+    def pretrain_lr(self, steps: int, seed: int) -> tuple[float, dict]:
+        ev = self.cfg.fewshot_eval
+        n = ev.validation_episodes
+        score = lambda lr: self.fine_tune_curve(self._learner, self._pretrain_start(), self.eval_batches(n, seed + 1, pool=self.val_pool),
+                                                max(steps, 1), lr, HEAD)[:, -1].mean()
+        lr, scores = evaluation.choose_step_size(score, ev.pretrain_lrs, higher_is_better=True)
+        return lr, evaluation.step_size_record(lr, ev.pretrain_lrs, scores, n, "one size for all steps")
 
-    def pretrain_lr(self, steps: int, seed: int) -> float:
-        n = self.cfg.fewshot_eval.validation_episodes
-        scores = {lr: self._curves(self.val_pool, n, max(steps, 1), seed + 1, self._pretrain_start(), lr, HEAD)[:, -1].mean()
-                  for lr in self.cfg.fewshot_eval.pretrain_lrs}
-        return max(scores, key=scores.get)
+    def baseline_curves(self, n: int, steps: int, seed: int):
+        if "pretrain" not in self.modules:
+            return {}, {}
+        lr, record = self.pretrain_lr(steps, seed)
+        curve = self.fine_tune_curve(self._learner, self._pretrain_start(), self.eval_batches(n, seed), steps, lr, HEAD)
+        return {"pretrain": curve}, {"pretrain": record}
 
-    def evaluate(self, n_tasks: int, steps: int, seed: int) -> EvalResult:
-        i = self.cfg.inner
-        curves = {"maml": self._curves(self.test_pool, n_tasks, steps, seed, params_of(self.model), i.lr, i.only)}
-        if "pretrain" in self.modules:
-            lr = self.pretrain_lr(steps, seed)
-            curves["pretrain"] = self._curves(self.test_pool, n_tasks, steps, seed, self._pretrain_start(), lr, HEAD)
-        return EvalResult("accuracy", True, curves)
+
+register_track("fewshot", kind="supervised", config=FewShotConfig, cls=FewShotTrack)

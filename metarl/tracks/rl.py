@@ -1,9 +1,11 @@
-"""Meta-RL: MAML with a REINFORCE inner loop and a TRPO outer loop on task-distribution envs.
+"""Meta-RL on task-distribution envs: the problem (env, policy family, collector) and its baselines.
 
 Finn et al. 2017 sec. 5.3. The env is any :class:`metarl.envs.TaskEnv` registered with Gymnasium
 (``env.id``), so a user's own env plugs in through ``metarl.envs.TaskWrapper`` plus
-``gymnasium.register``. Methods on the adaptation curve:
-- **maml**: the meta-trained policy, adapted with ``inner.eval_steps`` REINFORCE steps;
+``gymnasium.register``. The method (``algorithm:``, default ``maml``: MAML-TRPO in
+``metarl/algorithms/maml_trpo.py``) owns the policy θ and the outer update. On the adaptation curve:
+- the method's name (e.g. **maml**): the meta-trained policy, adapted with ``inner.eval_steps``
+  REINFORCE steps;
 - **random**: a randomly initialised policy adapted the same way (its init is fixed by the seed);
 - **pretrain**: one policy trained with PPO on the whole task mixture (stable-baselines3, same
   network shape), converted into the project's policy and adapted the same way;
@@ -20,11 +22,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..algorithms.maml_trpo import (AdvantageConfig, RLInnerConfig, RLOuterConfig, check_step_grid, collect_adapted,
-                                    meta_update, select_step_sizes)
-from ..config import ConfigError, register_track
-from ..evaluation import EvalResult
+from .. import registry
+from ..algorithms.maml_trpo import (AdvantageConfig, RLInnerConfig, RLOuterConfig, collect_adapted,
+                                    select_step_sizes)
+from ..config import ConfigError, resumable
+from ..evaluation import EvalResult, check_step_grid, step_size_record
 from ..functional import params_of
+from ..registry import register_track
 from .base import EvalConfig, RunConfig, Track
 
 
@@ -68,23 +72,24 @@ class PPOBaselineConfig:
     """Environment steps of PPO training per baseline."""
 
 
-@register_track("rl")
 @dataclass
 class RLConfig(RunConfig):
     track: str = "rl"
-    iterations: int = 500
-    checkpoint_every: int = 10
-    log_every: int = 1
+    iterations: int = resumable(500, why="length of the run")
+    checkpoint_every: int = resumable(10, why="bookkeeping")
+    log_every: int = resumable(1, why="bookkeeping")
     meta_batch: int = 20
+    """Tasks per meta-update."""
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     inner: RLInnerConfig = field(default_factory=RLInnerConfig)
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
     outer: RLOuterConfig = field(default_factory=RLOuterConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: SamplerConfig = resumable(why="speed only", default_factory=SamplerConfig)
     baselines: list[Literal["random"]] = field(default_factory=lambda: ["random"])
+    """Baselines adapted like the method at evaluation (random: a random initial policy)."""
     ppo_baselines: PPOBaselineConfig = field(default_factory=PPOBaselineConfig)
-    eval: RLEvalConfig = field(default_factory=RLEvalConfig)
+    eval: RLEvalConfig = resumable(why="evaluation only", default_factory=RLEvalConfig)
 
     def validate(self):
         super().validate()
@@ -130,15 +135,15 @@ class RLTrack(Track):
         act_dim = int(np.prod(probe.action_space.shape))
         mk = lambda: GaussianMLPPolicy(obs_dim, act_dim, cfg.policy.hidden, cfg.policy.activation, cfg.policy.init_std,
                                        init=cfg.policy.init)
-        self.policy = mk()
-        self.modules["maml"] = self.policy
+        self._new_policy = mk
+        self.collector = Collector(cfg.env.id, env_kwargs=cfg.env.kwargs, n_workers=cfg.sampler.workers)
+        self.method = registry.find_algorithm(cfg.algorithm, "rl")(self, cfg)
+        self.policy = self.method.policy
+        self.modules.update(self.method.modules)
+        self.optimizers.update(self.method.optimizers)
         if "random" in cfg.baselines:
             self.modules["random"] = mk()
-        if cfg.outer.optimizer == "vpg":
-            self.optimizers["maml"] = torch.optim.Adam(self.policy.parameters(), lr=cfg.outer.lr)
-        self.collector = Collector(cfg.env.id, env_kwargs=cfg.env.kwargs, n_workers=cfg.sampler.workers)
         self.run_dir = None  # set by metarl.training when a run directory is known
-        self._new_policy = mk
 
     # ---- PPO baselines ------------------------------------------------------------------------
     def baseline_path(self, kind: str):
@@ -170,11 +175,9 @@ class RLTrack(Track):
         self.collector.close()
 
     def train_step(self, iteration: int, rng: np.random.Generator) -> dict[str, float]:
-        cfg = self.cfg
-        tasks = self.task_env.sample_tasks(cfg.meta_batch, rng)
+        tasks = self.task_env.sample_tasks(self.cfg.meta_batch, rng)
         seed = int(rng.integers(2**31 - 1))
-        return meta_update(self.policy, self.collector, tasks, cfg.inner, cfg.advantages, cfg.outer, seed,
-                           optimizer=self.optimizers.get("maml"))
+        return self.method.train_step(tasks, seed)
 
     def load_tasks(self, path) -> list[dict]:
         """Evaluation tasks from a JSON file (``metarl evaluate --tasks-file``): a list of task
@@ -223,8 +226,7 @@ class RLTrack(Track):
             lr = fixed_lr
             if grid is not None and steps > 0:
                 lr, table = select_step_sizes(policy, self.collector, params_of(policy), validation, steps=steps, grid=grid, **batch)
-                chosen[name] = {"chosen": lr, "grid": list(grid), "validation_returns": table,
-                                "validation_tasks": len(validation)}
+                chosen[name] = step_size_record(lr, grid, table, len(validation), "greedy per step")
             data, _, _ = collect_adapted(policy, self.collector, params_of(policy), tasks, steps=steps, lr=lr, **batch)
             curves[name] = np.stack([eps.mean_returns().numpy() for eps, _ in data], axis=1)
             data_by_method[name] = data
@@ -233,8 +235,9 @@ class RLTrack(Track):
             ret = rb.oracle_returns(rb.load_baseline(self.baseline_path("oracle")), cfg.env.id, cfg.env.kwargs, tasks,
                                     episodes=cfg.inner.eval_episodes or cfg.inner.episodes, seed=seed, clip_actions=False)
             curves["oracle"] = np.repeat(np.asarray(ret)[:, None], steps + 1, axis=1)
-        result = EvalResult("return", True, curves, extra={"step_sizes": chosen} if chosen else {})
-        maml_data = data_by_method["maml"]
+        result = EvalResult("return", True, curves, step_sizes=chosen, algorithm=self.method.name,
+                            curve_axis=self.method.curve_axis)
+        maml_data = data_by_method[self.method.name]
         if "Navigation2D" in cfg.env.id:
             result.figures["trajectories.png"] = lambda path: _nav_plot(path, tasks, maml_data)
         if "forward_velocity" in (maml_data[0][0].infos or {}):
@@ -252,3 +255,6 @@ def _nav_plot(path, tasks, data):
     from ..plotting import navigation_trajectories
 
     navigation_trajectories(path, tasks, [eps.obs for eps, _ in data], [eps.mask for eps, _ in data])
+
+
+register_track("rl", kind="rl", config=RLConfig, cls=RLTrack)
