@@ -184,10 +184,14 @@ class Conv4(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits [N, n_way] for images [N, C, H, W] (batch-norm statistics from these N images)."""
+        return self.head(self.features(x))
+
+    def features(self, x: Tensor) -> Tensor:
+        """Embeddings [N, feature_dim] of one task's images (before the head)."""
         self._check_input(x, 1)
         for block in self.blocks:
             x = block(x)
-        return self.head(x.flatten(1))
+        return x.flatten(1)
 
     def forward_tasks(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Logits [T, N, n_way] for x [T, N, C, H, W], task t through its own weights ``params[k][t]``.
@@ -195,10 +199,23 @@ class Conv4(nn.Module):
         ``params`` holds every parameter name with a leading task axis (``metarl.functional.stack``).
         Each task's batch-norm statistics come from its own N images, exactly as ``forward`` per task.
         """
+        return self._per_task(params, x, head=True)
+
+    def features_tasks(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """Embeddings [T, N, feature_dim] (the flattened last feature map, before the head) for
+        x [T, N, C, H, W]: what metric and closed-form heads (prototypes, R2-D2, MetaOptNet) and
+        black-box learners work on. ``params`` need not hold the head's tensors."""
+        return self._per_task(params, x, head=False)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.hidden * self.feature_size * self.feature_size
+
+    def _per_task(self, params: Mapping[str, Tensor], x: Tensor, head: bool) -> Tensor:
         self._check_input(x, 2)
         n_tasks = x.shape[0]
         own = dict(self.named_parameters())
-        names = list(own)
+        names = [n for n in own if head or not n.startswith("head.")]
         missing = [n for n in names if n not in params]
         if missing:
             raise KeyError(f"forward_tasks: no tensor for parameters {missing}; pass every parameter, stacked with metarl.functional.stack(params, T)")
@@ -209,10 +226,10 @@ class Conv4(nn.Module):
                                  f"stack θ with metarl.functional.stack(params, {n_tasks})")
         chunk = self._chunk_size(n_tasks, x.shape[1])
         if chunk >= n_tasks:
-            return self._forward_group({n: params[n] for n in names}, x)
+            return self._forward_group({n: params[n] for n in names}, x, head)
         pieces = {n: torch.split(params[n], chunk) for n in names}
         xs = torch.split(x, chunk)
-        return torch.cat([self._forward_group({n: pieces[n][i] for n in names}, xi) for i, xi in enumerate(xs)])
+        return torch.cat([self._forward_group({n: pieces[n][i] for n in names}, xi, head) for i, xi in enumerate(xs)])
 
     def _chunk_size(self, n_tasks: int, n_images: int) -> int:
         """Tasks per grouped convolution: ``task_chunk`` if set, else about ``images_per_chunk``
@@ -223,7 +240,7 @@ class Conv4(nn.Module):
         n_chunks = -(-n_tasks // target)
         return -(-n_tasks // n_chunks)
 
-    def _forward_group(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def _forward_group(self, params: Mapping[str, Tensor], x: Tensor, head: bool = True) -> Tensor:
         """c tasks at once: tasks are convolution groups, activations channels-last, so that
         [N, H, W, c·out] memory is a matrix whose columns are (task, channel) pairs."""
         c, n = x.shape[:2]
@@ -248,8 +265,10 @@ class Conv4(nn.Module):
                 h = F.max_pool2d(h, 2)
         # per task, flatten in forward's order (channel, row, column)
         feats = h.reshape(n, c, -1).transpose(0, 1)  # [c, N, out·s·s]
-        logits = torch.baddbmm(params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2))
         # the conv biases' exact (zero) contribution, so that they stay in the graph and
         # autograd returns their gradient as zeros, as for forward, rather than "unused"
         cancelled = sum(params[f"blocks.{i}.conv.bias"].sum(-1) for i in range(len(self.blocks)))
+        if not head:
+            return feats + (0.0 * cancelled)[:, None, None]
+        logits = torch.baddbmm(params["head.bias"].unsqueeze(1), feats, params["head.weight"].transpose(1, 2))
         return logits + (0.0 * cancelled)[:, None, None]

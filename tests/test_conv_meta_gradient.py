@@ -237,3 +237,23 @@ def test_input_and_configuration_errors_say_how_to_fix():
         Conv4(pooling="avg")
     with pytest.raises(ValueError, match="too small"):
         Conv4(image_size=8, pooling="max")
+
+
+def test_features_tasks_are_the_per_task_trunk():
+    """features_tasks equals each task's own forward up to the head (hand loop with features),
+    and the head applied to it gives forward_tasks' logits."""
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=4, image_size=28).double()
+    params = {k: v.detach().unsqueeze(0).repeat(2, *[1] * v.dim()) + 0.01 * torch.randn(2, *v.shape, dtype=torch.float64)
+              for k, v in model.named_parameters()}
+    x = torch.rand(2, 6, 1, 28, 28, dtype=torch.float64)
+    feats = model.features_tasks({k: v for k, v in params.items() if not k.startswith("head.")}, x)
+    assert feats.shape == (2, 6, model.feature_dim)
+    for t in range(2):
+        own = {k: v[t] for k, v in params.items()}
+        with torch.no_grad():
+            for k, v in own.items():
+                dict(model.named_parameters())[k].copy_(v)
+        torch.testing.assert_close(feats[t], model.features(x[t]), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model.head(feats[t]), model(x[t]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(model.forward_tasks(params, x)[1], model(x[1]), rtol=1e-10, atol=1e-10)
