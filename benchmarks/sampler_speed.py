@@ -92,7 +92,9 @@ def meta_iteration_breakdown(args: argparse.Namespace, seed: int = 0) -> dict:
     step (``outer.threads``; the simulators are idle then), and ``--fvp-subsample``. Then one more iteration with
     ``fisher="autograd"`` (double backpropagation through the KL closure, the default and
     generic path) gives the outer step's reference time on a batch of the same size."""
-    from metarl.algorithms.maml_trpo import AdvantageConfig, RLInnerConfig, RLOuterConfig, meta_update
+    from metarl.algorithms.maml_trpo import meta_update
+    from metarl.algorithms.meta_rl import AdvantageConfig, RLInnerConfig
+    from metarl.algorithms.trpo import RLOuterConfig
 
     torch.manual_seed(seed)
     policy = GaussianMLPPolicy(17, 6)

@@ -6,6 +6,12 @@ Three implementations of the same meta-gradient on the same data:
 - vmap:   a straightforward ``torch.func.grad`` inside ``torch.func.vmap`` over tasks.
 It checks the three meta-gradients agree, then prints the ratios (loop time / engine time etc.).
 Run: .venv/bin/python benchmarks/sine_speed.py [--repeats 200]
+
+``--cli`` times what a user gets instead: the whole ``metarl train experiments/sine.yaml`` process
+at default settings (sampling, the method's step, both baselines, logging, checkpoints), against
+the same command with ``--set torch_threads=0`` (torch's default of one thread per core) and
+with ``OMP_NUM_THREADS=1``; milliseconds per iteration come from the difference between a long
+and a short run, so start-up cancels. Runs are interleaved (A B C A B C ...).
 """
 from __future__ import annotations
 
@@ -56,11 +62,38 @@ def vmapped(model, batch):
     return torch.autograd.grad(losses.mean(), list(p.values()))
 
 
+def cli_iteration_ms(repeats: int, short: int = 200, long: int = 1200) -> None:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    variants = {"default": ([], {}), "torch_threads=0": (["--set", "torch_threads=0"], {}),
+                "OMP_NUM_THREADS=1": ([], {"OMP_NUM_THREADS": "1"})}
+    times = {k: {short: [], long: []} for k in variants}
+    for _ in range(repeats):
+        for name, (sets, env) in variants.items():
+            for n in (short, long):
+                with tempfile.TemporaryDirectory() as d:
+                    cmd = [sys.executable, "-m", "metarl.cli", "train", "experiments/sine.yaml", "--run-dir", d,
+                           "--set", f"iterations={n}", "--set", "checkpoint_every=100000", *sets]
+                    t0 = time.perf_counter()
+                    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **env})
+                    times[name][n].append(time.perf_counter() - t0)
+    ms = {k: (np.median(v[long]) - np.median(v[short])) / (long - short) * 1e3 for k, v in times.items()}
+    print(f"whole `metarl train experiments/sine.yaml` iteration, ms (median of {repeats}, ({long} - {short}) iterations):")
+    for k, v in ms.items():
+        print(f"  {k:>18}: {v:6.2f} ms   ({ms['torch_threads=0'] / v:.2f}x the torch-default threads)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cli", action="store_true", help="time the whole metarl train iteration at default settings")
     args = ap.parse_args()
+    if args.cli:
+        return cli_iteration_ms(min(args.repeats, 5))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = MLP(1, 1, [40, 40])

@@ -80,7 +80,9 @@ def cmd_evaluate(args) -> int:
         if n < 2 or steps < 0:
             raise SystemExit("metarl: error: --tasks must be >= 2 (for a confidence interval) and --steps >= 0")
         torch.manual_seed(seed)
-        result = track.evaluate(n, steps, seed) if tasks is None else track.evaluate(n, steps, seed, tasks=tasks)
+        from .threads import torch_threads
+        with torch_threads(cfg.torch_threads):
+            result = track.evaluate(n, steps, seed) if tasks is None else track.evaluate(n, steps, seed, tasks=tasks)
     finally:
         track.close()
     which = f"the {n} tasks of {tasks_file}" if tasks_file else f"{n} fresh tasks"

@@ -18,6 +18,7 @@ import torch
 
 from . import checkpoint, config as configlib
 from .logging import RunLogger
+from .threads import torch_threads
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -126,7 +127,7 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
     logger.hyperparameters(configlib.to_dict(cfg))
     last_saved = start
     try:
-        with _StopFlag() as stop:
+        with _StopFlag() as stop, torch_threads(cfg.torch_threads):
             for it in range(start, cfg.iterations):
                 metrics = track.train_step(it, rng)
                 check_finite(metrics, it)

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from metarl import functional as F
-from metarl.algorithms.maml_trpo import (AdvantageConfig, RLInnerConfig, RLOuterConfig, _MAMLLinearization, adapt_on,
-                                         meta_update, outer_objective, trpo_outer_step)
+from metarl.algorithms.maml_trpo import meta_update
+from metarl.algorithms.meta_rl import AdvantageConfig, RLInnerConfig, adapt_on, outer_objective
+from metarl.algorithms.trpo import RLOuterConfig, trpo_outer_step
+from metarl.fisher import MAMLLinearization
 from metarl.envs.navigation import Navigation2DEnv
 from metarl.optim import conjugate_gradient, flat, hvp_fn, line_search, unflat
 from metarl.policies.gaussian import GaussianMLPPolicy, log_prob, sample
@@ -77,7 +79,7 @@ def test_closed_form_fisher_and_gradient_equal_autograd(case):
     reduction = case.get("reduction", "episode")
     surrogate, kl, _ = outer_objective(policy, train, valid, valid_adv, phi_old, inner, reduction)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in theta.items()}
-    lin = _MAMLLinearization(policy, leaves, train, inner.lr, inner.first_order, T, reduction)
+    lin = MAMLLinearization(policy, leaves, train, inner.lr, inner.first_order, T, reduction)
     reference, fast = hvp_fn(kl, leaves), lin.fisher(valid)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -181,7 +183,7 @@ def test_advantage_normalisation_follows_the_configured_reduction():
     """advantages.reduction reaches the normalisation: with episodes of unequal length the two
     weightings give different statistics, and each matches normalize_advantages by hand."""
     from metarl.advantages import normalize_advantages
-    from metarl.algorithms.maml_trpo import advantages
+    from metarl.algorithms.meta_rl import advantages
 
     gen = torch.Generator().manual_seed(0)
     mask = torch.ones(2, 5, 3)

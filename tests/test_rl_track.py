@@ -115,7 +115,7 @@ def test_per_step_evaluation_step_sizes():
     size 0 leaves the fast weights where the first step put them."""
     import torch
 
-    from metarl.algorithms.maml_trpo import collect_adapted, step_sizes
+    from metarl.algorithms.meta_rl import collect_adapted, step_sizes
     from metarl.functional import params_of
     from metarl.tracks.rl import RLTrack
 
@@ -143,7 +143,7 @@ def test_per_step_evaluation_step_sizes():
 def test_evaluation_with_a_timestep_budget():
     """inner.eval_timesteps (the paper's 4,000-step test batches) sizes every evaluation batch in
     steps: each task's batch at each inner step holds at least that many, in whole episodes."""
-    from metarl.algorithms.maml_trpo import collect_adapted
+    from metarl.algorithms.meta_rl import collect_adapted
     from metarl.functional import params_of
     from metarl.tracks.rl import RLTrack
 
@@ -218,7 +218,7 @@ def test_step_sizes_chosen_on_validation_tasks():
     candidate is scored on the same seed whatever the other candidates are, and each step
     continues from the chosen candidate and its batch (collect_adapted with the chosen sizes
     reproduces the chosen scores)."""
-    from metarl.algorithms.maml_trpo import collect_adapted, select_step_sizes
+    from metarl.algorithms.meta_rl import collect_adapted, select_step_sizes
     from metarl.functional import params_of
     from metarl.tracks.rl import RLTrack
 
@@ -256,7 +256,7 @@ def test_evaluation_with_a_step_size_grid():
     apart from the test tasks, the curve is collect_adapted's with those sizes, and the choices
     go to adaptation.json."""
     from metarl import evaluation
-    from metarl.algorithms import maml_trpo
+    from metarl.algorithms import meta_rl
     from metarl.functional import params_of
     from metarl.tracks import rl as rl_track
 
@@ -269,7 +269,7 @@ def test_evaluation_with_a_step_size_grid():
         result = track.evaluate(n_tasks=4, steps=2, seed=0)
         test_tasks = track.task_env.sample_tasks(4, np.random.default_rng([0, 1]))
         chosen = result.step_sizes["maml"]["chosen"]
-        data, _, _ = maml_trpo.collect_adapted(track.policy, track.collector, params_of(track.policy), test_tasks, 6,
+        data, _, _ = meta_rl.collect_adapted(track.policy, track.collector, params_of(track.policy), test_tasks, 6,
                                                cfg.advantages, 2, chosen, 0)
     finally:
         rl_track.select_step_sizes = original

@@ -44,9 +44,15 @@ class RunConfig:
     log_every: int = resumable(50, why="bookkeeping")
     """Write metrics.csv / TensorBoard every N iterations."""
     eval: EvalConfig = resumable(why="evaluation only", default_factory=EvalConfig)
+    torch_threads: int = resumable(0, why="speed only")
+    """torch intra-op threads while training and evaluating (0: torch's default, one per core).
+    Each track's default is what measured fastest for its whole ``metarl train`` iteration
+    (benchmarks/sine_speed.py --cli): sine 1, few-shot and meta-RL 0."""
 
     def validate(self):
         from ..config import ConfigError
+        if self.torch_threads < 0:
+            raise ConfigError(f"torch_threads must be >= 0 (0 = torch's default), got {self.torch_threads}")
         if self.iterations < 0 or self.checkpoint_every < 1 or self.log_every < 1 or self.snapshot_every < 0:
             raise ConfigError("iterations must be >= 0, checkpoint_every and log_every >= 1, snapshot_every >= 0")
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from .. import registry
-from ..algorithms.maml_trpo import (AdvantageConfig, RLInnerConfig, RLOuterConfig, collect_adapted,
-                                    select_step_sizes)
+from ..algorithms.meta_rl import AdvantageConfig, RLInnerConfig, collect_adapted, select_step_sizes
+from ..algorithms.trpo import RLOuterConfig
 from ..config import ConfigError, resumable
 from ..evaluation import EvalResult, check_step_grid, step_size_record
 from ..functional import params_of

@@ -60,6 +60,9 @@ class SineConfig(RunConfig):
     iterations: int = resumable(70_000, why="length of the run")
     meta_batch: int = 25
     """Tasks per meta-update."""
+    torch_threads: int = resumable(1, why="speed only")
+    """torch intra-op threads (0: one per core). 1 by default: the sine MLP's ops take microseconds,
+    and a second thread only adds synchronisation (benchmarks/sine_speed.py --cli)."""
     task: sine_tasks.SineTaskConfig = field(default_factory=sine_tasks.SineTaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
