@@ -171,10 +171,11 @@ def parser() -> argparse.ArgumentParser:
                                                  "default: the latest checkpoint")
     e.add_argument("--out", help="output folder (default RUN_DIR/eval, or RUN_DIR/eval/iteration_N with --iteration)")
     e.set_defaults(fn=cmd_evaluate)
-    b = sub.add_parser("baselines", help="meta-RL: train the PPO pretrain/oracle baselines of a run")
+    b = sub.add_parser("baselines", help="train a run's on-demand baselines: meta-RL PPO pretrain/oracle, few-shot pretrain")
     b.add_argument("run_dir")
     b.add_argument("--methods", nargs="+", choices=["pretrain", "oracle"], default=["pretrain", "oracle"])
-    b.add_argument("--timesteps", type=int, help="PPO environment steps (default: config ppo_baselines.timesteps)")
+    b.add_argument("--timesteps", type=int, help="PPO environment steps (default: config ppo_baselines.timesteps); "
+                                              "few-shot: Adam updates of the pretrain classifier (default: pretrain.updates)")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(fn=cmd_baselines)
     pl = sub.add_parser("plot", help="overlay the adaptation curves of several evaluated runs")

@@ -24,6 +24,7 @@ def test_short_omniglot_run_clearly_beats_chance(tmp_path, monkeypatch, cache):
         "pretrain.batch_size=64", "fewshot_eval.validation_episodes=20", "fewshot_eval.pretrain_lrs=[0.1,1.0]"])
     train(cfg, tmp_path, tensorboard=False)
     track, _, _ = load_track(tmp_path)
+    assert track.train_baselines(updates=60) == ["pretrain"] and (tmp_path / "baselines" / "pretrain.pt").exists()
     res = track.evaluate(100, 3, seed=11)
     maml = res.curves["maml"]
     assert maml.shape == (100, 4) and res.metric == "accuracy"
@@ -82,7 +83,7 @@ def test_cifar_fs_fixture_through_the_cli(tmp_path):
     data.mkdir()
     write_cifar_fs_fixture(data)
     rd = tmp_path / "run"
-    sets = ["--set", "data.dataset=cifar_fs", "--set", "data.train_split=train", "--set", "iterations=3",
+    sets = ["--set", "data.dataset=cifar_fs", "--set", "data.train_split=train", "--set", "iterations=3", "--set", "pretrain.updates=5",
             "--set", "meta_batch=2", "--set", "model.hidden=8", "--set", "model.pooling=max", "--set", "episode.k_shot=1",
             "--set", "pretrain.batch_size=8", "--set", "fewshot_eval.validation_episodes=4", "--set", "eval.tasks=6"]
     p = subprocess.run([sys.executable, "-m", "metarl.cli", "train", "experiments/omniglot_5w1s.yaml", "--run-dir", str(rd),
@@ -102,3 +103,20 @@ def test_missing_data_dir_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1
     assert "--data-dir" in p.stderr and "METARL_DATA" in p.stderr
+
+
+def test_pretrain_baseline_never_trains_on_its_validation_classes(tmp_path, monkeypatch, cache):
+    """The pretrain step size is chosen on val episodes, so the pretrain classifier trains on the
+    meta-training classes minus the val classes (vinyals: trainval − val = train; lake likewise),
+    on demand (`pretrain.when: after`), and not at all inside the meta-training loop."""
+    monkeypatch.setenv("METARL_CACHE", cache)
+    from metarl.registry import build_track
+    for protocol in ("vinyals", "lake"):
+        cfg = config.load("experiments/omniglot_5w1s.yaml", ["model.hidden=8", f"data.protocol={protocol}"])
+        track = build_track(cfg)
+        names = set(track.pretrain_pool.class_names)
+        assert names and names.isdisjoint(track.val_pool.class_names) and names < set(track.train_pool.class_names)
+        assert names | set(track.val_pool.class_names) == set(track.train_pool.class_names)
+        assert "pretrain" not in track.modules  # trained after meta-training, not in the loop
+    in_loop = build_track(config.load("experiments/omniglot_5w1s.yaml", ["model.hidden=8", "pretrain.when=in_loop"]))
+    assert in_loop.modules["pretrain"].head.out_features == in_loop.pretrain_pool.n_classes

@@ -73,13 +73,19 @@ def test_vinyals_without_rotations(omniglot):
 
 
 def test_lake_protocol(omniglot):
-    train, test = omniglot_split(omniglot, "train", "lake"), omniglot_split(omniglot, "test", "lake")
-    assert (train.n_classes, test.n_classes) == (964, 659)
-    assert not characters(train) & characters(test)
-    assert {n.split("/")[0] for n in train.class_names}.isdisjoint({n.split("/")[0] for n in test.class_names})
-    assert omniglot_split(omniglot, "train", "lake", rotations=True).n_classes == 4 * 964
+    """Lake et al.'s split: background vs evaluation alphabets; val holds out 5 whole background
+    alphabets (every 6th by name), train the other 25, trainval all 30 (964 characters)."""
+    trainval, test = omniglot_split(omniglot, "trainval", "lake"), omniglot_split(omniglot, "test", "lake")
+    train, val = omniglot_split(omniglot, "train", "lake"), omniglot_split(omniglot, "val", "lake")
+    assert (trainval.n_classes, test.n_classes) == (964, 659)
+    alphabets = lambda pool: {n.split("/")[0] for n in pool.class_names}
+    assert not characters(trainval) & characters(test) and alphabets(trainval).isdisjoint(alphabets(test))
+    assert len(alphabets(trainval)) == 30 and len(alphabets(val)) == 5 and alphabets(train).isdisjoint(alphabets(val))
+    assert sorted(alphabets(val)) == sorted(alphabets(trainval))[5::6]
+    assert train.n_classes + val.n_classes == 964 and characters(train) | characters(val) == characters(trainval)
+    assert omniglot_split(omniglot, "trainval", "lake", rotations=True).n_classes == 4 * 964
     with pytest.raises(ValueError, match="lake/train"):
-        omniglot_split(omniglot, "val", "lake")
+        omniglot_split(omniglot, "valid", "lake")
 
 
 def test_rotated_classes_are_rot90_of_the_original(vinyals):

@@ -199,6 +199,17 @@ class ClassPool:
         counts = np.bincount(labels, minlength=len(class_names))
         return cls(data, np.split(order, np.cumsum(counts)[:-1]), class_names)
 
+    def without(self, class_names: Sequence[str]) -> "ClassPool":
+        """The same images without the named classes (e.g. a training pool minus the validation
+        classes it contains); shares ``data``, copies nothing."""
+        drop = set(class_names)
+        keep = [i for i, name in enumerate(self.class_names) if name not in drop]
+        if not keep:
+            raise ValueError("without() would remove every class of the pool")
+        members = [self._rows[self._offsets[i]:self._offsets[i] + self.counts[i]] for i in keep]
+        rotations = None if self.rotations is None else self.rotations[keep]
+        return ClassPool(self.data, members, [self.class_names[i] for i in keep], rotations)
+
     @property
     def n_classes(self) -> int:
         return len(self.counts)

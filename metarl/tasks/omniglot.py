@@ -29,7 +29,9 @@ from metarl.tasks.episodes import (ClassPool, DataError, FIX_HINT, cached_arrays
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
 ZIPS = (BACKGROUND, EVALUATION)
 DRAWERS = 20
-PROTOCOLS = {"vinyals": ("train", "val", "trainval", "test"), "lake": ("train", "test")}
+PROTOCOLS = {"vinyals": ("train", "val", "trainval", "test"), "lake": ("train", "val", "trainval", "test")}
+LAKE_VAL_EVERY = 6
+"""Lake protocol validation split: every 6th background alphabet in name order (5 of 30)."""
 _CACHE_VERSION = "omniglot-v1"  # bump when the decoding changes
 
 
@@ -149,8 +151,10 @@ def omniglot_split(arrays: OmniglotArrays, split: str = "train", protocol: str =
     ProtoNets and MAML: all 1,623 characters pooled, 1,200 for meta-training (``train`` 1,028 +
     ``val`` 172 = ``trainval``) and 423 for ``test``, each rotated by 0/90/180/270 degrees as four
     separate classes (4,112 / 688 / 4,800 / 1,692 classes), read from ``splits/vinyals/``.
-    ``protocol="lake"`` is Lake et al.'s original split: ``train`` = the 964 background characters,
-    ``test`` = the 659 evaluation characters, i.e. meta-test alphabets are never seen in training.
+    ``protocol="lake"`` is Lake et al.'s original split: ``trainval`` = the 964 background characters,
+    ``test`` = the 659 evaluation characters, i.e. meta-test alphabets are never seen in training;
+    ``val`` holds out whole background alphabets (every 6th in name order: 5 of the 30) and
+    ``train`` is the other 25, so a step size chosen on ``val`` was chosen on unseen alphabets.
     ``rotations`` defaults to on for vinyals and off for lake; ``False`` keeps only the rot000 classes,
     ``True`` makes four classes per character. Rotations are applied lazily when images are gathered.
     """
@@ -162,7 +166,12 @@ def omniglot_split(arrays: OmniglotArrays, split: str = "train", protocol: str =
         if rotations is False:
             chars, turns = chars[turns == 0], turns[turns == 0]
     else:
-        base = np.flatnonzero(np.array(arrays.sources) == (BACKGROUND if split == "train" else EVALUATION))
+        sources, alphabets = np.array(arrays.sources), np.array(arrays.alphabets)
+        base = np.flatnonzero(sources == (EVALUATION if split == "test" else BACKGROUND))
+        if split in ("train", "val"):
+            names = sorted(set(alphabets[base].tolist()))
+            held = {a for i, a in enumerate(names) if i % LAKE_VAL_EVERY == LAKE_VAL_EVERY - 1}
+            base = base[np.isin(alphabets[base], list(held)) == (split == "val")]
         n_rot = 4 if rotations else 1
         chars, turns = np.repeat(base, n_rot), np.tile(np.arange(n_rot), len(base))
     names = arrays.names

@@ -64,8 +64,16 @@ class ConvConfig:
 
 @dataclass
 class PretrainConfig:
+    when: Literal["after", "in_loop"] = "after"
+    """When the pretrain baseline trains. "after": on demand, ``updates`` Adam steps by
+    ``metarl baselines RUN_DIR`` or at the end of ``metarl train`` (into RUN_DIR/baselines/pretrain.pt),
+    so meta-training pays nothing for it; "in_loop": one update per meta-iteration inside the
+    training loop (how runs before this option were made: half again the cost of a MAML iteration
+    on Omniglot 5-way 1-shot)."""
+    updates: int = 2000
+    """Adam updates of the pretrain classifier when ``when`` is "after"."""
     batch_size: int = 256
-    """Labelled images per pretrain update (one update per meta-iteration)."""
+    """Labelled images per pretrain update."""
 
 
 @dataclass
@@ -132,49 +140,101 @@ class FewShotTrack(SupervisedTrack):
                                       metric_name="accuracy", higher_is_better=True, head=HEAD, n_way=ep.n_way))
         self.sampler = lambda pool: EpisodeSampler(pool, ep.n_way, ep.k_shot, ep.q_query)
         self.train_tasks = self.sampler(self.train_pool)
-        if "pretrain" in cfg.baselines:
-            self.modules["pretrain"] = mk(self.train_pool.n_classes)
+        # the pretrain baseline's fine-tuning step size is chosen on the validation classes, so it
+        # must not train on them: its classes are the meta-training classes minus those
+        self.pretrain_pool = self.train_pool.without(self.val_pool.class_names)
+        self._new_pretrain = lambda: mk(self.pretrain_pool.n_classes)
+        if "pretrain" in cfg.baselines and cfg.pretrain.when == "in_loop":
+            self.modules["pretrain"] = self._new_pretrain()
             self.optimizers["pretrain"] = torch.optim.Adam(self.modules["pretrain"].parameters(), lr=cfg.outer.lr)
         with torch.random.fork_rng():  # its weights are never used, so it must not shift the RNG stream
             self._learner = mk(ep.n_way)  # the N-way architecture the pretrain baseline is fine-tuned in
 
+    def _pretrain_loss(self, model, rng: np.random.Generator):
+        """Cross-entropy of ``model`` on a batch of labelled images of the pretrain classes."""
+        pool, n = self.pretrain_pool, self.cfg.pretrain.batch_size
+        classes = rng.integers(pool.n_classes, size=n)
+        samples = (rng.random(n) * pool.counts[classes]).astype(np.int64)[:, None]
+        x = torch.as_tensor(pool.gather(classes, samples)[:, 0], dtype=torch.float32) / 255.0
+        out = model(x)
+        y = torch.as_tensor(classes)
+        return torch.nn.functional.cross_entropy(out, y), (out.argmax(-1) == y).float().mean().item()
+
     def baseline_losses(self, batch: TaskBatch, rng: np.random.Generator):
         if "pretrain" not in self.modules:
             return {}, {}
-        cfg, pool = self.cfg, self.train_pool
-        classes = rng.integers(pool.n_classes, size=cfg.pretrain.batch_size)
-        samples = (rng.random(cfg.pretrain.batch_size) * pool.counts[classes]).astype(np.int64)[:, None]
-        x = torch.as_tensor(pool.gather(classes, samples)[:, 0], dtype=torch.float32) / 255.0
-        out = self.modules["pretrain"](x)
-        y = torch.as_tensor(classes)
-        return ({"pretrain": torch.nn.functional.cross_entropy(out, y)},
-                {"accuracy/pretrain": (out.argmax(-1) == y).float().mean().item()})
+        loss, acc = self._pretrain_loss(self.modules["pretrain"], rng)
+        return {"pretrain": loss}, {"accuracy/pretrain": acc}
+
+    # ---- the pretrain baseline on demand ----------------------------------------------------
+    def baseline_path(self, kind: str = "pretrain"):
+        from pathlib import Path
+        return Path(self.run_dir) / "baselines" / f"{kind}.pt"
+
+    def train_baselines(self, methods=None, updates=None, overwrite=False) -> list[str]:
+        """Train the pretrain baseline (``pretrain.updates`` Adam steps, its own seed stream) into
+        RUN_DIR/baselines/pretrain.pt, unless it is trained in the loop or already there."""
+        cfg = self.cfg
+        wanted = [m for m in (methods if methods is not None else cfg.baselines) if m == "pretrain"]
+        if not wanted or cfg.pretrain.when == "in_loop" or (self.baseline_path().exists() and not overwrite):
+            return []
+        rng = np.random.default_rng([cfg.seed, 7])
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            model = self._new_pretrain()
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.outer.lr)
+        for _ in range(updates or cfg.pretrain.updates):
+            loss, _ = self._pretrain_loss(model, rng)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        path = self.baseline_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+        return ["pretrain"]
+
+    def after_training(self) -> list[str]:
+        return self.train_baselines() if self.run_dir is not None else []
+
+    def _pretrain_model(self):
+        """The trained pretrain classifier (in the loop or from RUN_DIR/baselines), or None."""
+        if "pretrain" in self.modules:
+            return self.modules["pretrain"]
+        if "pretrain" in self.cfg.baselines and self.run_dir is not None and self.baseline_path().exists():
+            model = self._new_pretrain()
+            model.load_state_dict(torch.load(self.baseline_path(), map_location="cpu", weights_only=True))
+            return model
+        return None
 
     # ---- evaluation -------------------------------------------------------------------------
     def eval_batches(self, n: int, seed: int, stream: int = 1, pool=None):
         """The ``n`` test episodes of ``seed`` (or of another pool), ``fewshot_eval.chunk`` at a time."""
         return self.sampler(pool or self.test_pool).fixed_episodes(n, seed, batch_size=self.cfg.fewshot_eval.chunk)
 
-    def _pretrain_start(self):
+    def _pretrain_start(self, model):
         """Pretrained backbone + a zero N-way head, run through the N-way architecture."""
-        p = {k: v.detach() for k, v in params_of(self.modules["pretrain"]).items()}
+        p = {k: v.detach() for k, v in params_of(model).items()}
         for name in HEAD:
             p[name] = torch.zeros_like(params_of(self._learner)[name])
         return p
 
-    def pretrain_lr(self, steps: int, seed: int) -> tuple[float, dict]:
+    def pretrain_lr(self, start, steps: int, seed: int) -> tuple[float, dict]:
+        """The head's fine-tuning step size, chosen on validation-class episodes (classes the
+        pretrain classifier never saw)."""
         ev = self.cfg.fewshot_eval
         n = ev.validation_episodes
-        score = lambda lr: self.fine_tune_curve(self._learner, self._pretrain_start(), self.eval_batches(n, seed + 1, pool=self.val_pool),
+        score = lambda lr: self.fine_tune_curve(self._learner, start, self.eval_batches(n, seed + 1, pool=self.val_pool),
                                                 max(steps, 1), lr, HEAD)[:, -1].mean()
         lr, scores = evaluation.choose_step_size(score, ev.pretrain_lrs, higher_is_better=True)
         return lr, evaluation.step_size_record(lr, ev.pretrain_lrs, scores, n, "one size for all steps")
 
     def baseline_curves(self, n: int, steps: int, seed: int):
-        if "pretrain" not in self.modules:
+        model = self._pretrain_model()
+        if model is None:
             return {}, {}
-        lr, record = self.pretrain_lr(steps, seed)
-        curve = self.fine_tune_curve(self._learner, self._pretrain_start(), self.eval_batches(n, seed), steps, lr, HEAD)
+        start = self._pretrain_start(model)
+        lr, record = self.pretrain_lr(start, steps, seed)
+        curve = self.fine_tune_curve(self._learner, start, self.eval_batches(n, seed), steps, lr, HEAD)
         return {"pretrain": curve}, {"pretrain": record}
 
 
