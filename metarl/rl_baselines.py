@@ -24,14 +24,13 @@ Adam 3e-4, gamma 0.99, GAE lambda 0.95, clip 0.2; override any of them with ``pp
 Action clipping -- the one systematic difference between SB3 and the project's rollouts
 --------------------------------------------------------------------------------------------
 SB3 samples an *unclipped* Gaussian action, stores it for the PPO loss, and sends
-``clip(a, action_space.low, action_space.high)`` to the env.  The project's samplers send the
-unclipped sample and let the env clip.  The dynamics are the same either way (Navigation2D
-clips ``0.1 * a`` to ``+-0.1``, identical to clipping ``a`` to ``[-1, 1]`` first; MuJoCo clamps
-``ctrl`` to the actuators' range), but the *rewards* can differ: the locomotion envs charge the
-control cost on the action as passed to ``step``, so an unclipped ``|a| > 1`` costs more than
-SB3 ever saw during training.  Navigation2D rewards are unaffected.  :func:`baseline_returns`
-clips by default (the policy is evaluated as it was trained); ``clip_actions=False`` reproduces
-the project's convention.  No other pre-/post-processing exists: PPO here uses no observation
+``clip(a, action_space.low, action_space.high)`` to the env.  The project's collector does the
+same (it stores the unclipped sample for the policy gradient and sends the clipped action), so
+every method on the curve, the oracle included, is scored on clipped actions: the locomotion
+envs charge the control cost on the action passed to ``step``, and an unclipped ``|a| > 1``
+would pay more than any policy was trained to.  :func:`baseline_returns` clips by default;
+``clip_actions=False`` (unclipped actions, as the oracle rows of RESULTS.md before session 7
+were measured, reading low) is kept only to reproduce those figures.  No other pre-/post-processing exists: PPO here uses no observation
 or reward normalisation, so the copied :class:`GaussianMLPPolicy` is the SB3 actor exactly.
 """
 from __future__ import annotations

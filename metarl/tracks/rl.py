@@ -233,7 +233,7 @@ class RLTrack(Track):
         if self.run_dir is not None and self.baseline_path("oracle").exists():
             from .. import rl_baselines as rb
             ret = rb.oracle_returns(rb.load_baseline(self.baseline_path("oracle")), cfg.env.id, cfg.env.kwargs, tasks,
-                                    episodes=cfg.inner.eval_episodes or cfg.inner.episodes, seed=seed, clip_actions=False)
+                                    episodes=cfg.inner.eval_episodes or cfg.inner.episodes, seed=seed)
             curves["oracle"] = np.repeat(np.asarray(ret)[:, None], steps + 1, axis=1)
         result = EvalResult("return", True, curves, step_sizes=chosen, algorithm=self.method.name,
                             curve_axis=self.method.curve_axis)
