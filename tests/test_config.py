@@ -52,3 +52,31 @@ def test_a_partial_section_keeps_the_tracks_own_defaults():
     assert config.from_dict({"track": "sine", "inner": {"steps": 5}}).inner.lr == 0.01
     with pytest.raises(ConfigError, match="task_workers >= 0"):
         config.from_dict({"track": "fewshot", "inner": {"task_workers": -1}})
+
+
+def test_algorithm_key_selects_a_registered_method_or_says_which_exist():
+    """`algorithm:` picks a method file of metarl/algorithms/; a typo or a method that does not
+    solve the track is one line listing the valid names for that track."""
+    from metarl import registry
+
+    assert config.from_dict({"track": "sine"}).algorithm == "maml"
+    assert config.from_dict({"track": "sine", "algorithm": "fomaml"}).algorithm == "fomaml"
+    with pytest.raises(ConfigError, match=r"unknown algorithm 'fomam'.*did you mean 'fomaml'.*valid: .*maml"):
+        config.from_dict({"track": "sine", "algorithm": "fomam"})
+    from metarl.algorithms.maml import MAML
+
+    registry.algorithm("supervised_only_probe")(type("Probe", (MAML,), {}))
+    with pytest.raises(ConfigError, match="algorithm 'supervised_only_probe' does not support track 'rl': valid for it: .*fomaml, .*maml"):
+        config.from_dict({"track": "rl", "algorithm": "supervised_only_probe"})
+    with pytest.raises(ConfigError, match="'algorithm' must be a name"):
+        config.from_dict({"track": "sine", "algorithm": 3})
+    assert set(registry.names("rl")) >= {"maml", "fomaml"} and set(registry.names("supervised")) >= {"maml", "fomaml"}
+
+
+def test_cli_unknown_algorithm_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "metarl.cli", "train", "experiments/sine_quick.yaml", "--set", "algorithm=reptil",
+                        "--run-dir", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown algorithm 'reptil'" in p.stderr, p.stderr
+    assert not (tmp_path / "r").exists()
