@@ -80,3 +80,41 @@ def test_cli_unknown_algorithm_is_one_line(tmp_path):
                         "--run-dir", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown algorithm 'reptil'" in p.stderr, p.stderr
     assert not (tmp_path / "r").exists()
+
+
+def _field_docstrings(cls) -> set[str]:
+    """Names of the fields that ``cls``'s own source follows with a docstring."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {st.target.id for st, nxt in zip(body, body[1:] + [None]) if isinstance(st, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)}
+
+
+def test_every_config_field_has_a_one_line_docstring_where_it_is_declared():
+    """Config sections live beside their code, and every field says what it is (the --help of a
+    config): checked for every track's config and every method's own section."""
+    import dataclasses
+    from typing import get_type_hints
+
+    from metarl import registry
+
+    registry.load_all()
+    roots = [e.config for e in registry.TRACKS.values()] + [c.Config for c in registry.ALGORITHMS.values() if getattr(c, "Config", None)]
+    missing, seen = [], set()
+    stack = list(roots)
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                stack.append(hints[f.name])
+            owner = next(c for c in reversed(cls.__mro__) if f.name in getattr(c, "__annotations__", {}))
+            if f.name not in _field_docstrings(owner) and f.name not in ("track",):
+                missing.append(f"{owner.__name__}.{f.name}")
+    assert not missing, sorted(set(missing))

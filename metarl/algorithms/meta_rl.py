@@ -65,11 +65,13 @@ class RLInnerConfig:
     :func:`select_step_sizes`); ``eval_lr`` is then ignored. The choices and every candidate's
     validation return go to adaptation.json under ``step_sizes``. null = use ``eval_lr``."""
     first_order: bool = False
+    """First-order MAML-RL: the outer gradient treats the inner REINFORCE gradients as constants."""
 
 
 @dataclass
 class AdvantageConfig:
     gamma: float = 0.99
+    """Discount factor of returns and advantages."""
     gae_lambda: float = 1.0
     """GAE λ (1.0 = Monte-Carlo returns minus the baseline, as in pytorch-maml-rl)."""
     normalize: bool = True
@@ -81,6 +83,7 @@ class AdvantageConfig:
     paper's code). Identical for fixed-horizon tasks; they differ when episodes end early (2D
     navigation's goal radius), where "episode" gives each step of a short episode more weight."""
     baseline_reg: float = 1e-5
+    """Ridge regulariser of the linear feature baseline's least-squares fit (rllab's reg_coeff)."""
 
 
 def advantages(episodes, cfg: AdvantageConfig) -> Tensor:

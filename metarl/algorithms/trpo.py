@@ -27,11 +27,17 @@ from ..fisher import MAMLLinearization, fast_fisher_supported
 @dataclass
 class RLOuterConfig:
     optimizer: Literal["trpo", "vpg"] = "trpo"
+    """Outer rule: TRPO (the paper) or vanilla policy gradient with Adam (``lr``)."""
     max_kl: float = 0.01
+    """TRPO's trust region: the largest mean KL between the adapted policies before and after the step."""
     cg_iters: int = 10
+    """Conjugate-gradient iterations for the natural-gradient direction."""
     cg_damping: float = 1e-5
+    """Damping added to the Fisher-vector products (F + damping·I)."""
     ls_ratio: float = 0.8
+    """Backtracking factor of the line search."""
     ls_steps: int = 15
+    """Line-search trials before the step is rejected."""
     lr: float = 1e-3
     """Adam step size when optimizer is vpg."""
     fisher: Literal["autograd", "closed_form"] = "closed_form"

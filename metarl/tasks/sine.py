@@ -18,8 +18,11 @@ from .batch import TaskBatch
 class SineTaskConfig:
     """The task distribution (config section ``task``)."""
     amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])
+    """[low, high] of the uniform amplitude A."""
     phase: list[float] = field(default_factory=lambda: [0.0, math.pi])
+    """[low, high] of the uniform phase φ."""
     x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
+    """[low, high] of the uniform inputs x."""
     k_shot: int = 10
     """K support points per task (the paper reports K = 5, 10, 20)."""
     k_query: int = 10

@@ -44,6 +44,7 @@ class RunConfig:
     log_every: int = resumable(50, why="bookkeeping")
     """Write metrics.csv / TensorBoard every N iterations."""
     eval: EvalConfig = resumable(why="evaluation only", default_factory=EvalConfig)
+    """Evaluation: test tasks, curve length, seed (``metarl evaluate`` flags override it)."""
     torch_threads: int = resumable(0, why="speed only")
     """torch intra-op threads while training and evaluating (0: torch's default, one per core).
     Each track's default is what measured fastest for its whole ``metarl train`` iteration

@@ -35,6 +35,7 @@ HEAD = ("head.weight", "head.bias")
 @dataclass
 class DataConfig:
     dataset: Literal["omniglot", "mini_imagenet", "cifar_fs"] = "omniglot"
+    """Which loader (metarl/tasks/): Omniglot is shipped; MiniImageNet and CIFAR-FS are users' copies."""
     dir: Optional[str] = None
     """Data folder (also --data-dir or $METARL_DATA); default: the shared Omniglot copy."""
     protocol: Literal["vinyals", "lake"] = "vinyals"
@@ -45,12 +46,15 @@ class DataConfig:
     val_split: str = "val"
     """Classes for picking the pretrain baseline's fine-tuning step size."""
     test_split: str = "test"
+    """Classes of the evaluation episodes."""
 
 
 @dataclass
 class EpisodeConfig:
     n_way: int = 5
+    """Classes per episode (N)."""
     k_shot: int = 1
+    """Support images per class (K)."""
     q_query: Optional[int] = None
     """Query images per class (null = k_shot, as in the MAML code; 15 is the other convention)."""
 
@@ -60,6 +64,7 @@ class ConvConfig:
     hidden: int = 64
     """Filters per block (Omniglot 64; the paper's MiniImageNet model uses 32 with max-pooling)."""
     pooling: Literal["stride", "max"] = "stride"
+    """Downsampling: stride-2 convolutions (Omniglot, Finn et al.) or 2x2 max-pooling (MiniImageNet)."""
 
 
 @dataclass
@@ -79,7 +84,9 @@ class PretrainConfig:
 @dataclass
 class FewShotEvalExtras:
     pretrain_lrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    """Grid for the pretrain baseline's head fine-tuning step size, chosen on validation episodes."""
     validation_episodes: int = 100
+    """Episodes of ``data.val_split`` on which that step size is chosen."""
     chunk: int = 50
     """Episodes adapted together during evaluation (bounds memory)."""
 
@@ -98,13 +105,21 @@ class FewShotConfig(RunConfig):
     meta_batch: int = 32
     """Episodes per meta-update."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Dataset, its folder, and the class splits."""
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    """N-way K-shot episode shape."""
     model: ConvConfig = field(default_factory=ConvConfig)
+    """The Conv4 learner."""
     inner: InnerConfig = field(default_factory=lambda: InnerConfig(lr=0.4, steps=1, eval_steps=3, task_workers=0))
+    """The inner loop of gradient-based methods (Omniglot 5-way: α 0.4, one step)."""
     outer: OuterConfig = field(default_factory=OuterConfig)
+    """The outer optimiser (Adam)."""
     baselines: list[Literal["pretrain"]] = field(default_factory=lambda: ["pretrain"])
+    """Baselines on the curve: pretrain (a classifier over the training classes, its head fine-tuned)."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """How the pretrain baseline trains."""
     fewshot_eval: FewShotEvalExtras = resumable(why="evaluation only", default_factory=FewShotEvalExtras)
+    """Few-shot evaluation settings beyond ``eval``."""
     eval: FewShotEvalConfig = resumable(why="evaluation only", default_factory=FewShotEvalConfig)
 
     def validate(self):

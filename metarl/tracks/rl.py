@@ -43,8 +43,11 @@ class EnvConfig:
 @dataclass
 class PolicyConfig:
     hidden: list[int] = field(default_factory=lambda: [100, 100])
+    """Hidden widths of the Gaussian policy's mean MLP (the paper: 100, 100)."""
     activation: Literal["relu", "tanh"] = "relu"
+    """Activation of the mean MLP."""
     init_std: float = 1.0
+    """Initial standard deviation of the state-independent Gaussian (a learned log-std per action)."""
     init: Literal["torch", "xavier"] = "torch"
     """Mean-network initialisation: "torch" (nn.Linear's default) or "xavier" (Xavier-uniform
     weights, zero biases: the MAML paper's code and pytorch-maml-rl)."""
@@ -81,14 +84,21 @@ class RLConfig(RunConfig):
     meta_batch: int = 20
     """Tasks per meta-update."""
     env: EnvConfig = field(default_factory=EnvConfig)
+    """The task-distribution env (a registered Gymnasium id) and its arguments."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """The Gaussian MLP policy."""
     inner: RLInnerConfig = field(default_factory=RLInnerConfig)
+    """The inner REINFORCE loop, in training and at evaluation."""
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    """Returns, baseline and advantages."""
     outer: RLOuterConfig = field(default_factory=RLOuterConfig)
+    """The outer rule (TRPO or vanilla PG)."""
     sampler: SamplerConfig = resumable(why="speed only", default_factory=SamplerConfig)
+    """The rollout collector."""
     baselines: list[Literal["random"]] = field(default_factory=lambda: ["random"])
     """Baselines adapted like the method at evaluation (random: a random initial policy)."""
     ppo_baselines: PPOBaselineConfig = field(default_factory=PPOBaselineConfig)
+    """PPO pretrain/oracle baselines (stable-baselines3)."""
     eval: RLEvalConfig = resumable(why="evaluation only", default_factory=RLEvalConfig)
 
     def validate(self):

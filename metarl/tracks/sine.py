@@ -34,6 +34,7 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [40, 40])
     """Hidden layer widths of the MLP (the paper: 40, 40)."""
     activation: Literal["relu", "tanh"] = "relu"
+    """Hidden-layer activation."""
 
 
 @dataclass
@@ -64,12 +65,17 @@ class SineConfig(RunConfig):
     """torch intra-op threads (0: one per core). 1 by default: the sine MLP's ops take microseconds,
     and a second thread only adds synchronisation (benchmarks/sine_speed.py --cli)."""
     task: sine_tasks.SineTaskConfig = field(default_factory=sine_tasks.SineTaskConfig)
+    """The task distribution."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The MLP learner."""
     inner: InnerConfig = field(default_factory=InnerConfig)
+    """The inner loop of gradient-based methods."""
     outer: OuterConfig = field(default_factory=OuterConfig)
+    """The outer optimiser (Adam)."""
     baselines: list[Literal["pretrain", "oracle"]] = field(default_factory=lambda: ["pretrain", "oracle"])
     """Baselines trained in the same loop and drawn on the same curve."""
     sine_eval: SineEvalExtras = resumable(why="evaluation only", default_factory=SineEvalExtras)
+    """Sine evaluation settings beyond ``eval``."""
 
     def validate(self):
         super().validate()
