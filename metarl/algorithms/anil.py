@@ -18,11 +18,16 @@ the MLP's hidden layers), and every inner step (forward, gradient, and for the o
 double backward) runs on the linear head alone, [T, N, F] × [F, n_way]. The full-network path
 (``anil.features_once: false``; MAML with ``inner.only`` = the head) recomputes the body at every
 inner step and differentiates the inner gradient through it; tests/test_anil.py checks both give
-the same meta-gradient to 1e-10 in float64. Measured (benchmarks/anil_speed.py, Omniglot 5-way
-1-shot, Conv4 64 filters, meta-batch 32, 1 inner step, second order, 2 threads on a shared
-2-core machine, median of 5): see the numbers written there and in the report of this method's
-commit; the gap grows with the number of inner steps, since ANIL's cost is nearly independent of
-it while MAML's grows linearly.
+the same meta-gradient to 1e-10 in float64. Measured (benchmarks/anil_speed.py, random
+Omniglot-sized 5-way 1-shot episodes, Conv4 64 filters, meta-batch 32, second order, one torch
+thread, medians of 3 interleaved repeats on a 2-core machine shared by 8 jobs, load ~35, so
+absolute seconds are inflated and ratios are rough): with 1 inner step MAML 10.1 s per
+meta-iteration, ANIL 3.9 s (2.6x cheaper); MAML with ``only=head`` through the full network
+3.4 s, i.e. at ONE step the two head-only paths cost the same (both run the body forward once
+per set and backward once; the difference is noise). The fast path's advantage is per extra inner
+step: each costs a [T, N, F] x [F, n_way] product here instead of a body forward, a body
+backward and a double backward, so ANIL's cost is nearly flat in ``inner.steps`` while MAML's
+(and full-network head-only) grow linearly.
 
 Evaluation adapts the head on the fixed support features (``inner.eval_steps`` steps of size
 ``inner.lr``), the query features scored after each step: a 0..K curve for the price of two body

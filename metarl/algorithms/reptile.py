@@ -21,6 +21,10 @@ adaptation curve counts optimizer steps; the paper tests after 50). Few-shot eva
 normalises with the statistics of the batch it is given, so the query set is scored as one batch
 with its own batch-norm statistics (see ``policies/conv4.py``).
 
+Training metrics (``loss/reptile``, ``accuracy/reptile``) are the adapted weights' scores on the
+training episodes' query sets, which the inner loop trained on: a progress signal, optimistic by
+construction; the held-out numbers are ``metarl evaluate``'s.
+
 Two deliberate differences from the paper's TensorFlow code, both stated so they can be judged:
 - Adam's moments start fresh for every task (here a task's φ_i is a function of θ and the task
   alone, as Algorithms 1-2 write it, so the batched meta-batch is order-free and evaluation does
