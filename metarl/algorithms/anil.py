@@ -24,8 +24,9 @@ thread, medians of 3 interleaved repeats on a 2-core machine shared by 8 jobs, l
 absolute seconds are inflated and ratios are rough): with 1 inner step MAML 10.1 s per
 meta-iteration, ANIL 3.9 s (2.6x cheaper); MAML with ``only=head`` through the full network
 3.4 s, i.e. at ONE step the two head-only paths cost the same (both run the body forward once
-per set and backward once; the difference is noise). The fast path's advantage is per extra inner
-step: each costs a [T, N, F] x [F, n_way] product here instead of a body forward, a body
+per set and backward once; the difference is noise). With 5 inner steps (2 repeats): MAML 52.9 s,
+full-network head-only 15.1 s, ANIL 5.3 s: 9.9x cheaper than MAML, 2.8x than ``only=head``. The
+fast path's advantage is per extra inner step: each costs a [T, N, F] x [F, n_way] product here instead of a body forward, a body
 backward and a double backward, so ANIL's cost is nearly flat in ``inner.steps`` while MAML's
 (and full-network head-only) grow linearly.
 
