@@ -36,10 +36,24 @@ class MLP(nn.Module):
     def forward_tasks(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """x [T, N, in] with params stacked [T, ...] → [T, N, out]. Extra middle axes of x
         (e.g. time and episode in RL) are flattened into N and restored."""
+        return self._per_task(params, x, len(self.layers))
+
+    def features_tasks(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """The last hidden layer's activations [T, N, feature_dim] (the body before the output
+        layer, as Conv4's ``features_tasks``): ANIL adapts only the output layer on these.
+        ``params`` need not hold the output layer's tensors."""
+        return self._per_task(params, x, len(self.layers) - 1)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.layers[-1].in_features
+
+    def _per_task(self, params: Mapping[str, Tensor], x: Tensor, n_layers: int) -> Tensor:
+        """The first ``n_layers`` layers per task (an activation after each but the network's last)."""
         act = ACTIVATIONS[self.activation]
         shape = x.shape
         h = x.reshape(shape[0], -1, shape[-1])
-        for i in range(len(self.layers)):
+        for i in range(n_layers):
             w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]
             h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
             if i < len(self.layers) - 1:

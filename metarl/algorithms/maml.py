@@ -89,7 +89,7 @@ def query_losses(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatc
 
 
 def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss, *,
-                  workers: int = 1, **inner) -> Tensor:
+                  workers: int = 1, predictions: Callable = query_predictions, **inner) -> Tensor:
     """Accumulate ∇θ of MAML's outer objective (the mean query loss over the meta-batch) into the
     ``.grad`` of ``params`` (leaf tensors, e.g. a module's parameters), as
     ``query_losses(...).mean().backward()`` would, and return the query predictions, detached.
@@ -99,7 +99,9 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBat
     thread (:func:`metarl.threads.task_pool`), and the shards' gradients are added in shard order,
     so the result does not depend on which thread finishes first. Tasks are independent given θ,
     so this is the same gradient, regrouped: a sum of per-shard sums instead of one sum.
-    ``inner``: steps, lr, first_order, only, batched as in :func:`query_predictions`."""
+    ``inner``: steps, lr, first_order, only, batched as in :func:`query_predictions`;
+    ``predictions`` (same signature) replaces it for a method that adapts another way (ANIL's
+    head-only inner loop on features computed once, ``anil.py``)."""
     tensors = [p for p in params.values() if p.requires_grad]
     n = batch.n_tasks
     shards = resolve_workers(workers, n)
@@ -107,7 +109,7 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBat
 
     def shard(bound):
         part = batch.tasks(*bound)
-        preds = query_predictions(model, params, part, loss, **inner)
+        preds = predictions(model, params, part, loss, **inner)
         total = loss(preds, part.y_query).sum() / n
         return preds.detach(), torch.autograd.grad(total, tensors, allow_unused=True)
 
