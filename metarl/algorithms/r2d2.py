@@ -15,8 +15,9 @@ once. :func:`ridge_fit` picks the smaller of the two equal systems (n×n dual or
 60-way 5-shot episode on a 256-dimensional embedding solves 256×256, not 300×300.
 
 Note on β: a scalar added to every class's logit cancels in the softmax, so under the
-cross-entropy its gradient is exactly zero and it keeps its initial value; it is kept as the
-paper states it (it matters for their logistic-regression variant and for calibrated scores).
+cross-entropy its gradient is zero up to float rounding; Adam normalises that rounding noise into
+steps of about ``outer.lr``, so β wanders a little without changing any prediction. It is kept
+because the paper states it (it matters for their logistic-regression variant).
 
 Differences from the paper's setting: their embedding is a wider 4-block CNN (96-192-384-512
 filters, features of the last two blocks concatenated, dropout); this one is the toolkit's Conv4.
