@@ -44,6 +44,23 @@ def _bordered(H: Tensor, A: Optional[Tensor]) -> Tensor:
     return torch.cat([top, bottom], -2)
 
 
+def _lu_factor(K: Tensor):
+    """Batched LU, one matrix at a time from 128 unknowns on: torch 2.13's CPU build (oneMKL)
+    returns garbage pivots for batched ``lu_factor`` / ``linalg.solve`` of 200×200 and larger
+    systems on 2 threads ("Parameter 6 was incorrect on entry to DLASWP"; batch size 1 and 1
+    thread are fine, Cholesky too), which a 15-shot 5-way SVM dual (450 unknowns) hits."""
+    if K.dim() == 2 or K.shape[-1] < 128:
+        return torch.linalg.lu_factor(K)
+    parts = [torch.linalg.lu_factor(k) for k in K.reshape(-1, *K.shape[-2:])]
+    return (torch.stack([a for a, _ in parts]).reshape(K.shape),
+            torch.stack([b for _, b in parts]).reshape(*K.shape[:-1]))
+
+
+def _solve(K: Tensor, rhs: Tensor) -> Tensor:
+    """K⁻¹ rhs for a batch of square systems, rhs [..., n] (see :func:`_lu_factor`)."""
+    return torch.linalg.lu_solve(*_lu_factor(K), rhs.unsqueeze(-1)).squeeze(-1)
+
+
 def _step_to_boundary(v: Tensor, dv: Tensor) -> Tensor:
     """Largest t in (0, 1] with v + t dv ≥ 0 per batch row (v > 0)."""
     ratio = torch.where(dv < 0, -v / dv, torch.full_like(v, float("inf")))
@@ -64,7 +81,7 @@ def solve_qp_with_duals(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Optional[
 
     def factor(d: Tensor):
         """LU of the bordered Newton matrix [[Q + Gᵀ diag(d) G, Aᵀ], [A, 0]]."""
-        return torch.linalg.lu_factor(_bordered(Q + Gt @ (d.unsqueeze(-1) * G), A))
+        return _lu_factor(_bordered(Q + Gt @ (d.unsqueeze(-1) * G), A))
 
     def solve(lu, rhs_z: Tensor, rhs_eq: Optional[Tensor]):
         rhs = rhs_z if A is None else torch.cat([rhs_z, rhs_eq], -1)
@@ -137,7 +154,7 @@ class _QP(torch.autograd.Function):
             K = torch.cat([torch.cat([K, torch.cat([A.transpose(-1, -2), A.new_zeros(*A.shape[:-2], m, e)], -2)], -1),
                            torch.cat([A, A.new_zeros(*A.shape[:-2], e, m + e)], -1)], -2)
         rhs = torch.cat([grad_z.double(), grad_z.new_zeros(*grad_z.shape[:-1], K.shape[-1] - n, dtype=torch.float64)], -1)
-        w = torch.linalg.solve(K, rhs.unsqueeze(-1)).squeeze(-1)[..., :n]
+        w = _solve(K, rhs)[..., :n]
         dQ = -0.5 * (w.unsqueeze(-1) * z.unsqueeze(-2) + z.unsqueeze(-1) * w.unsqueeze(-2))
         return dQ.to(Q.dtype), (-w).to(Q.dtype), None, None, None, None, None
 
