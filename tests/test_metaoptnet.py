@@ -108,3 +108,16 @@ def test_qp_gradient_wrt_linear_term_and_no_equality(float64):
     E[0, 1, 2] = E[0, 2, 1] = eps  # symmetric perturbation of one off-diagonal pair
     num_q = (f(Q + E, p) - f(Q - E, p)) / (2 * eps)
     torch.testing.assert_close(gQ[0, 1, 2] + gQ[0, 2, 1], num_q, atol=1e-6, rtol=1e-5)
+
+
+def test_large_batched_dual_solves_on_two_threads():
+    """A 15-shot 5-way dual (450 KKT unknowns) over a batch, on 2 threads: where torch 2.13's
+    batched LU returns bad pivots (metarl.qp._lu_factor works around it)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        zs, ys, zq, k = random_svm(5, t=2, n_way=5, shot=15, d=8)
+        out = svm_logits(zs, ys, zq, k, C=0.1, iterations=3)
+        assert out.shape == (2, 5, 5) and torch.isfinite(out).all()
+    finally:
+        torch.set_num_threads(old)
