@@ -154,7 +154,13 @@ class FewShotTrack(SupervisedTrack):
         super().__init__(cfg, Problem(track="fewshot", make_model=lambda: mk(ep.n_way), loss=cross_entropy, metric=accuracy,
                                       metric_name="accuracy", higher_is_better=True, head=HEAD, n_way=ep.n_way))
         self.sampler = lambda pool: EpisodeSampler(pool, ep.n_way, ep.k_shot, ep.q_query)
-        self.train_tasks = self.sampler(self.train_pool)
+        # a method may train on other episodes than it is tested on (prototypical networks: 60-way)
+        train = {"n_way": ep.n_way, "k_shot": ep.k_shot, "q_query": ep.q_query}
+        train.update(getattr(self.method, "train_episode", dict)())
+        try:
+            self.train_tasks = EpisodeSampler(self.train_pool, **train)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.algorithm} training episodes {train}: {e}") from None
         # the pretrain baseline's fine-tuning step size is chosen on the validation classes, so it
         # must not train on them: its classes are the meta-training classes minus those
         self.pretrain_pool = self.train_pool.without(self.val_pool.class_names)
