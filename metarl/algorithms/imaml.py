@@ -154,7 +154,8 @@ def implicit_gradient(support_loss: LossFn, phi: Mapping[str, Tensor], query_gra
         return (1.0 + damping) * v + hv / lam
 
     g = rows({k: query_grads[k] for k in leaves}).detach()
-    return unrows(conjugate_gradient_batched(operator, g, iters=cg_steps), leaves)
+    # no residual stop: cg_steps is the budget (an absolute rᵀr threshold would cut small gradients short)
+    return unrows(conjugate_gradient_batched(operator, g, iters=cg_steps, residual_tol=0.0), leaves)
 
 
 @algorithm("imaml")
