@@ -163,10 +163,14 @@ def test_a_few_hundred_iterations_beat_the_pretrain_baseline(tmp_path):
     assert cavia[1] < 0.8 * pre[1] and cavia[10] < 0.8 * pre[10], (cavia, pre)
 
 
-def test_short_omniglot_run_clearly_beats_chance(tmp_path, monkeypatch, cache):
+@pytest.mark.slow
+def test_omniglot_run_clearly_beats_chance(tmp_path, monkeypatch, cache):
+    """Slow: unlike MAML, CAVIA's fixed head must be steered by a 100-dim context through FiLM, and
+    in 60-150 iterations at hidden 16 training accuracy stayed at chance (0.19-0.27 for lr 1 or 10,
+    FiLM on one or all blocks); this longer run at the paper's width is the check."""
     monkeypatch.setenv("METARL_CACHE", cache)
     cfg = config.load("experiments/cavia_omniglot_5w1s.yaml", [
-        "iterations=60", "meta_batch=8", "checkpoint_every=60", "log_every=20", "model.hidden=16", "baselines=[]"])
+        "iterations=600", "meta_batch=8", "checkpoint_every=600", "log_every=50", "model.hidden=32", "baselines=[]"])
     assert cfg.cavia.context_size == 100 and cfg.cavia.steps == 2 and cfg.cavia.film_blocks == [2]
     train(cfg, tmp_path, tensorboard=False)
     track, _, _ = load_track(tmp_path)
@@ -188,7 +192,8 @@ def test_method_settings_apply_to_the_omniglot_config():
 def test_cli_evaluate_writes_the_cavia_curve(tmp_path):
     rd = tmp_path / "run"
     p = subprocess.run([sys.executable, "-m", "metarl.cli", "train", "experiments/cavia_sine.yaml", "--run-dir", str(rd),
-                        "--set", "iterations=5", "--set", "checkpoint_every=5", "--set", "meta_batch=4"],
+                        "--set", "iterations=5", "--set", "checkpoint_every=5", "--set", "meta_batch=4",
+                        "--set", "baselines=[oracle]"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks", "10", "--steps", "3"],
@@ -196,5 +201,5 @@ def test_cli_evaluate_writes_the_cavia_curve(tmp_path):
     assert p.returncode == 0, p.stderr
     out = json.loads((rd / "eval" / "adaptation.json").read_text())
     assert out["algorithm"] == "cavia" and out["steps"] == [0, 1, 2, 3]
-    assert len(out["methods"]["cavia"]["mean"]) == 4 and {"pretrain", "oracle"} <= set(out["methods"])
+    assert len(out["methods"]["cavia"]["mean"]) == 4 and "oracle" in out["methods"]
     assert out["step_sizes"]["cavia"] == {"context_lr": 1.0, "context_size": 5}
