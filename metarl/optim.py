@@ -116,6 +116,40 @@ def _conjugate_gradient(Avp: Callable[[Tensor], Tensor], b: Tensor, iters: int, 
     return x, r
 
 
+def conjugate_gradient_batched(Avp: Callable[[Tensor], Tensor], B: Tensor, iters: int = 10,
+                               residual_tol: float = 1e-10) -> Tensor:
+    """Solve T independent SPD systems A_t x_t = b_t at once: ``B`` is [T, n] (one right-hand side
+    per row) and ``Avp`` maps [T, n] → [T, n] row by row (a block-diagonal operator: e.g. the
+    Hessian-vector products of a sum of per-task losses on task-stacked parameters, one backward
+    pass for all T). Every row runs its own :func:`conjugate_gradient` (its own step sizes and
+    stopping: a row stops when its rᵀr < ``residual_tol`` or its curvature pᵀAp is not positive),
+    so row t's answer equals ``conjugate_gradient(A_t, b_t)`` (tests/test_imaml.py checks it).
+    Used for iMAML's implicit meta-gradient (Rajeswaran et al. 2019, sec. 3.1)."""
+    if B.dim() != 2:
+        raise ValueError(f"conjugate_gradient_batched: B must be [T, n], got shape {tuple(B.shape)}")
+    B = B.detach()
+    X = torch.zeros_like(B)
+    R = B.clone()
+    P = B.clone()
+    rr = (R * R).sum(1)
+    active = rr >= residual_tol
+    for _ in range(iters):
+        if not bool(active.any()):
+            break
+        AP = Avp(P).detach()
+        pAp = (P * AP).sum(1)
+        active = active & (pAp > 0) & torch.isfinite(pAp)
+        alpha = torch.where(active, rr / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rr))
+        X = X + alpha[:, None] * P
+        R = R - alpha[:, None] * AP
+        rr_new = (R * R).sum(1)
+        beta = torch.where(active, rr_new / torch.where(active, rr, torch.ones_like(rr)), torch.zeros_like(rr))
+        P = torch.where(active[:, None], R + beta[:, None] * P, P)
+        rr = torch.where(active, rr_new, rr)
+        active = active & (rr >= residual_tol)
+    return X
+
+
 def hvp_fn(kl_fn: Callable[[ParamSet], Tensor], params: ParamSet, damping: float = 0.0) -> Callable[[Tensor], Tensor]:
     """Return v ↦ (∇²kl(params) + damping·I) v on flat vectors, by double backpropagation.
 

@@ -115,13 +115,14 @@ variant 5-30x (oversubscription); on an idle one they help, as the first table s
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 POOLINGS = ("stride", "max")
+Film = Mapping[int, tuple[Tensor, Tensor]]  # block index -> per-task (gamma, beta), each [T, hidden]
 
 
 class ConvBlock(nn.Module):
@@ -193,25 +194,29 @@ class Conv4(nn.Module):
             x = block(x)
         return x.flatten(1)
 
-    def forward_tasks(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def forward_tasks(self, params: Mapping[str, Tensor], x: Tensor, film: Optional[Film] = None) -> Tensor:
         """Logits [T, N, n_way] for x [T, N, C, H, W], task t through its own weights ``params[k][t]``.
 
         ``params`` holds every parameter name with a leading task axis (``metarl.functional.stack``).
         Each task's batch-norm statistics come from its own N images, exactly as ``forward`` per task.
+        ``film`` (optional, default off): per-task FiLM conditioning ``{block: (gamma, beta)}``, each
+        [T, hidden]; block i's batch-norm output becomes gamma·h + beta before its ReLU (Perez et al.
+        2018; CAVIA's conditioned conv net, Zintgraf et al. 2019 sec. 5.2: ``policies/context.py``).
         """
-        return self._per_task(params, x, head=True)
+        return self._per_task(params, x, head=True, film=film)
 
-    def features_tasks(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def features_tasks(self, params: Mapping[str, Tensor], x: Tensor, film: Optional[Film] = None) -> Tensor:
         """Embeddings [T, N, feature_dim] (the flattened last feature map, before the head) for
         x [T, N, C, H, W]: what metric and closed-form heads (prototypes, R2-D2, MetaOptNet) and
-        black-box learners work on. ``params`` need not hold the head's tensors."""
-        return self._per_task(params, x, head=False)
+        black-box learners work on. ``params`` need not hold the head's tensors. ``film`` as in
+        :meth:`forward_tasks`."""
+        return self._per_task(params, x, head=False, film=film)
 
     @property
     def feature_dim(self) -> int:
         return self.hidden * self.feature_size * self.feature_size
 
-    def _per_task(self, params: Mapping[str, Tensor], x: Tensor, head: bool) -> Tensor:
+    def _per_task(self, params: Mapping[str, Tensor], x: Tensor, head: bool, film: Optional[Film] = None) -> Tensor:
         self._check_input(x, 2)
         n_tasks = x.shape[0]
         own = dict(self.named_parameters())
@@ -224,12 +229,19 @@ class Conv4(nn.Module):
             if p.dim() != own[n].dim() + 1 or p.shape[0] != n_tasks:
                 raise ValueError(f"forward_tasks: '{n}' has shape {tuple(p.shape)}, expected a leading task axis of {n_tasks}: "
                                  f"stack θ with metarl.functional.stack(params, {n_tasks})")
+        for i, gb in (film or {}).items():
+            if not 0 <= i < len(self.blocks) or any(t.shape != (n_tasks, self.hidden) for t in gb):
+                raise ValueError(f"forward_tasks: film[{i}] must be (gamma, beta), each [{n_tasks}, {self.hidden}], for a block "
+                                 f"0..{len(self.blocks) - 1}; got {[tuple(t.shape) for t in gb]}")
         chunk = self._chunk_size(n_tasks, x.shape[1])
         if chunk >= n_tasks:
-            return self._forward_group({n: params[n] for n in names}, x, head)
+            return self._forward_group({n: params[n] for n in names}, x, head, film)
         pieces = {n: torch.split(params[n], chunk) for n in names}
+        film_pieces = {i: (torch.split(g, chunk), torch.split(b, chunk)) for i, (g, b) in (film or {}).items()}
         xs = torch.split(x, chunk)
-        return torch.cat([self._forward_group({n: pieces[n][i] for n in names}, xi, head) for i, xi in enumerate(xs)])
+        return torch.cat([self._forward_group({n: pieces[n][j] for n in names}, xj, head,
+                                              {i: (g[j], b[j]) for i, (g, b) in film_pieces.items()} or None)
+                          for j, xj in enumerate(xs)])
 
     def _chunk_size(self, n_tasks: int, n_images: int) -> int:
         """Tasks per grouped convolution: ``task_chunk`` if set, else about ``images_per_chunk``
@@ -240,7 +252,7 @@ class Conv4(nn.Module):
         n_chunks = -(-n_tasks // target)
         return -(-n_tasks // n_chunks)
 
-    def _forward_group(self, params: Mapping[str, Tensor], x: Tensor, head: bool = True) -> Tensor:
+    def _forward_group(self, params: Mapping[str, Tensor], x: Tensor, head: bool = True, film: Optional[Film] = None) -> Tensor:
         """c tasks at once: tasks are convolution groups, activations channels-last, so that
         [N, H, W, c·out] memory is a matrix whose columns are (task, channel) pairs."""
         c, n = x.shape[:2]
@@ -260,6 +272,9 @@ class Conv4(nn.Module):
             m = y.permute(0, 2, 3, 1).reshape(n * hh * ww, c * self.hidden)  # a view when y is channels-last
             m = F.batch_norm(m, None, None, params[f"blocks.{i}.norm.weight"].reshape(-1),
                              params[f"blocks.{i}.norm.bias"].reshape(-1), training=True, eps=block.norm.eps)
+            if film is not None and i in film:  # columns are (task, channel) pairs, as gamma/beta [c, out] flattened
+                gamma, beta = film[i]
+                m = torch.addcmul(beta.reshape(-1), m, gamma.reshape(-1))
             h = F.relu(m, inplace=True).reshape(n, hh, ww, c * self.hidden).permute(0, 3, 1, 2)  # BN's backward keeps its input, not its output
             if self.pooling == "max":
                 h = F.max_pool2d(h, 2)

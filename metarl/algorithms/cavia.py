@@ -1,0 +1,131 @@
+"""CAVIA: fast context adaptation (Zintgraf, Shiarlis, Kurin, Hofmann & Whiteson 2019, ICML).
+
+The parameters split in two (sec. 3, Algorithm 1): shared parameters θ, learned in the outer loop
+only, and a low-dimensional context vector φ, the one thing a task adapts. For every task φ starts
+at zero (φ₀ = 0, sec. 3.1) and takes ``cavia.steps`` gradient steps on the support loss,
+
+    φ_i ← φ_i − α ∇_φ L_support(f_{φ_i, θ})                                  (eq. 3)
+
+then θ takes an Adam step on the mean query loss at the adapted contexts,
+
+    θ ← θ − β ∇_θ (1/T) Σ_i L_query(f_{φ_i(θ), θ})                            (eq. 4)
+
+differentiated through the context steps (second order; ``first_order`` drops those terms). The
+context enters the model as an input: concatenated to the MLP's input for sine (sec. 5.1), and
+through FiLM layers on the conv blocks for image classification (sec. 5.2); see
+``policies/context.py``. Only φ adapts, so ``Problem.head`` and the ``inner:`` section are not
+used: CAVIA's own knobs live in its ``cavia:`` section (its inner step size 1.0 is far from
+MAML's 0.01 / 0.4, which ``inner.lr`` keeps for the other methods).
+
+The engine is MAML's: :func:`metarl.algorithms.maml.meta_backward` and ``adapted_predictions``
+with ``only=["context"]`` and a zero context in the params dict; θ's tensors pass through
+:func:`metarl.adaptation.adapt` untouched.
+
+Meta-RL (a later issue): the same split fits ``kinds=("rl",)`` by subclassing MAML-TRPO with a
+policy whose mean network is wrapped in :class:`policies.context.InputContext`, and the inner
+REINFORCE step restricted to ``only=["context"]`` (its inner step is ``adapt``'s, which takes
+``only``); the Gaussian policy's ``forward_tasks`` must then pass the context through to its mean
+MLP, and MAML-TRPO's closed-form Fisher-vector products (written for the plain MLP) would fall
+back to the generic double-backprop closures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..config import ConfigError
+from ..functional import Params, params_of
+from ..registry import algorithm
+from ..tasks.batch import TaskBatch
+from .base import Method, Problem, finite
+from .maml import adapted_predictions, meta_backward, query_metrics
+from metarl.policies.context import CONTEXT, FiLMContext, InputContext
+
+ONLY = (CONTEXT,)
+
+
+@dataclass
+class CAVIAConfig:
+    """CAVIA's own settings (config section ``cavia``)."""
+    context_size: int = 5
+    """Context parameters φ per task (sine: 5 in the paper's code, Table 1 also tries 2 and 50;
+    MiniImageNet: 100)."""
+    lr: float = 1.0
+    """Inner step size α on the context (the paper: 1.0 for regression and classification)."""
+    steps: int = 1
+    """Context gradient steps per task during meta-training (sine: 1; classification: 2)."""
+    first_order: bool = False
+    """Treat the context gradients as constants in the meta-gradient (the paper's first-order variant)."""
+    film_blocks: list[int] = field(default_factory=lambda: [2])
+    """Conv4 blocks (0-based) whose batch-norm output is FiLM-conditioned on φ (the paper: the third)."""
+    grad_clip: Optional[float] = None
+    """Clamp each meta-gradient element to ±grad_clip before the Adam step (the reference code: 10; null: off)."""
+    task_workers: int = 1
+    """Threads sharing the meta-batch (as ``inner.task_workers``: 0 = one per torch thread; speed only)."""
+
+    def validate(self):
+        if self.context_size < 1 or self.lr <= 0 or self.steps < 0 or self.task_workers < 0:
+            raise ConfigError(f"cavia: context_size >= 1, lr > 0, steps and task_workers >= 0 (got {self.context_size}, "
+                              f"{self.lr}, {self.steps}, {self.task_workers})")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"cavia.grad_clip must be > 0 or null, got {self.grad_clip}")
+        if not self.film_blocks or any(not 0 <= b < 4 for b in self.film_blocks):
+            raise ConfigError(f"cavia.film_blocks must list Conv4 blocks in 0..3, e.g. [2], got {self.film_blocks}")
+
+
+@algorithm("cavia")
+class CAVIA(Method):
+    """θ: the context-conditioned model (``policies/context.py``) around the track's learner; the
+    context φ is no part of θ and starts at zero for every task."""
+    Config = CAVIAConfig
+    defaults = {
+        # the paper's sine settings (its code's defaults): 5 context inputs, α = 1, one step, 25 tasks
+        "sine": {"cavia": {"context_size": 5, "lr": 1.0, "steps": 1}},
+        # the paper's MiniImageNet settings (sec. 5.2; it has no Omniglot run): 100 context
+        # parameters, FiLM on the third block, α = 1, two steps in training and at test
+        # (the curve's length: eval.steps, read by `metarl evaluate` before inner.eval_steps)
+        "fewshot": {"cavia": {"context_size": 100, "lr": 1.0, "steps": 2, "film_blocks": [2], "grad_clip": 10.0,
+                              "task_workers": 0}, "eval": {"steps": 2}},
+    }
+
+    def __init__(self, problem: Problem, cfg):
+        super().__init__(problem, cfg)
+        o = self.own
+        net = problem.make_model()
+        if hasattr(net, "features_tasks") and hasattr(net, "blocks"):
+            self.model = FiLMContext(net, o.context_size, o.film_blocks)
+        else:
+            self.model = InputContext(net, o.context_size)
+        self.modules[self.name] = self.model
+        self.optimizers[self.name] = torch.optim.Adam(self.model.parameters(), lr=cfg.outer.lr)
+
+    def params(self) -> Params:
+        """θ (the module's tensors) plus the zero context every task starts from (φ₀ = 0, sec. 3.1).
+        ``adapt`` differentiates the inner loss with respect to it, so it is a fresh leaf that
+        requires grad; it is stacked to [T, context_size] with θ."""
+        p = params_of(self.model)
+        p[CONTEXT] = torch.zeros(self.own.context_size, dtype=next(iter(p.values())).dtype, requires_grad=True)
+        return p
+
+    def train_step(self, batch: TaskBatch, iteration: int) -> dict[str, float]:
+        o, opt = self.own, self.optimizers[self.name]
+        opt.zero_grad(set_to_none=True)
+        preds = meta_backward(self.model, self.params(), batch, self.problem.loss, steps=o.steps, lr=o.lr,
+                              first_order=o.first_order, only=ONLY, batched=True, workers=o.task_workers)
+        metrics = query_metrics(self.name, self.problem, preds, batch)
+        if finite(metrics):
+            if o.grad_clip is not None:
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.clamp_(-o.grad_clip, o.grad_clip)
+            opt.step()
+        return metrics
+
+    def predict(self, batch: TaskBatch, steps: int) -> list[Tensor]:
+        return adapted_predictions(self.model, self.params(), batch, self.problem.loss, steps=steps, lr=self.own.lr, only=ONLY)
+
+    def step_sizes(self) -> dict:
+        return {"context_lr": self.own.lr, "context_size": self.own.context_size}

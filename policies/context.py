@@ -1,0 +1,127 @@
+"""Context-conditioned learners for CAVIA (Zintgraf et al. 2019, "Fast Context Adaptation via
+Meta-Learning"): a stock model θ plus a per-task context vector φ that enters it as an input.
+
+The context is not a parameter of these modules (it is no part of θ): it travels in the params
+dict under :data:`CONTEXT` with a leading task axis [T, context_size], next to θ's stacked
+tensors, so ``forward_tasks(params, x)`` has the engine's usual signature and
+:func:`metarl.adaptation.adapt` can adapt it alone (``only=[CONTEXT]``). Both wrappers hold the
+unmodified model under ``net`` and reuse its own ``forward_tasks``; nothing is copied.
+
+- :class:`InputContext` (sine, sec. 5.1): φ concatenated to an MLP's input. ``[x, φ] W₀ᵀ + b₀`` is
+  computed as ``x Wₓᵀ + (b₀ + W_φ φ)``: the context's columns of the first layer (``context_weight``)
+  shift that layer's bias per task, which is the concatenation exactly, at no cost per point.
+- :class:`FiLMContext` (image classification, sec. 5.2): per conditioned conv block, a linear layer
+  maps φ to FiLM parameters (γ, β) (Perez et al. 2018) that scale and shift the block's batch-norm
+  output before its ReLU. The paper (and its code, ``classification/models.py``) conditions the
+  third of four blocks (``blocks=(2,)``) with 100 context parameters on MiniImageNet.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+CONTEXT = "context"
+
+
+def _sub(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def _context(params: Mapping[str, Tensor], size: int, n_tasks: int) -> Tensor:
+    ctx = params.get(CONTEXT)
+    if ctx is None or ctx.shape != (n_tasks, size):
+        got = None if ctx is None else tuple(ctx.shape)
+        raise KeyError(f"forward_tasks: params['{CONTEXT}'] must be the per-task context [{n_tasks}, {size}], got {got}: "
+                       f"add torch.zeros({n_tasks}, {size}) (CAVIA resets it to zero for every task)")
+    return ctx
+
+
+class InputContext(nn.Module):
+    """An MLP whose input is [x, φ] (CAVIA's regression model, Zintgraf et al. 2019 sec. 5.1).
+
+    Parameters θ: ``net.*`` (the wrapped :class:`policies.mlp.MLP`, built for the raw input width)
+    and ``context_weight`` [hidden₀, context_size], the first layer's columns for φ, initialised as
+    ``nn.Linear(in + context_size, hidden₀)`` would initialise them.
+    """
+
+    def __init__(self, net: nn.Module, context_size: int):
+        super().__init__()
+        if context_size < 1:
+            raise ValueError(f"context_size must be >= 1, got {context_size}")
+        first = getattr(net, "layers", [None])[0]
+        if not isinstance(first, nn.Linear):
+            raise TypeError(f"InputContext wraps an MLP (policies/mlp.py) whose first layer is layers.0; got {type(net).__name__}")
+        self.net, self.context_size = net, context_size
+        self.context_weight = nn.Parameter(torch.empty(first.out_features, context_size))
+        bound = 1.0 / math.sqrt(first.in_features + context_size)
+        nn.init.uniform_(self.context_weight, -bound, bound)
+
+    def forward_tasks(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """x [T, N, in] → [T, N, out], task t with context ``params['context'][t]``."""
+        ctx = _context(params, self.context_size, x.shape[0])
+        p = _sub(params, "net.")
+        shift = torch.bmm(params["context_weight"], ctx.unsqueeze(-1)).squeeze(-1)  # W_φ φ per task: [T, hidden₀]
+        p["layers.0.bias"] = p["layers.0.bias"] + shift
+        return self.net.forward_tasks(p, x)
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        """One task: x [N, in] with context [context_size] (zeros if omitted)."""
+        ctx = torch.zeros(self.context_size, dtype=x.dtype) if context is None else context
+        params = {k: v.unsqueeze(0) for k, v in self.named_parameters()}
+        return self.forward_tasks({**params, CONTEXT: ctx[None]}, x[None])[0]
+
+
+class FiLMContext(nn.Module):
+    """A Conv4 whose chosen blocks are FiLM-conditioned on φ (CAVIA, Zintgraf et al. 2019 sec. 5.2).
+
+    Parameters θ: ``net.*`` (the wrapped :class:`policies.conv4.Conv4`) and ``film.{i}.weight`` /
+    ``film.{i}.bias`` for each conditioned block i: (γ, β) = film_i(φ), each of width ``hidden``.
+    The bias is initialised to γ = 1, β = 0, so the zero context every task starts from leaves the
+    network as it is (the reference code keeps PyTorch's default bias, γ ≈ U(±0.1) at φ = 0; the
+    batch norm's own learnable scale makes the two parametrisations reach the same functions).
+    """
+
+    def __init__(self, net: nn.Module, context_size: int, blocks: Sequence[int] = (2,)):
+        super().__init__()
+        n_blocks = len(getattr(net, "blocks", []))
+        if not n_blocks or not hasattr(net, "hidden"):
+            raise TypeError(f"FiLMContext wraps a Conv4 (policies/conv4.py); got {type(net).__name__}")
+        if context_size < 1 or not blocks or any(not 0 <= b < n_blocks for b in blocks) or len(set(blocks)) != len(blocks):
+            raise ValueError(f"FiLMContext: context_size >= 1 and distinct blocks in 0..{n_blocks - 1} (got {context_size}, {list(blocks)})")
+        self.net, self.context_size, self.blocks = net, context_size, tuple(sorted(blocks))
+        h = net.hidden
+        self.film = nn.ModuleDict({str(b): nn.Linear(context_size, 2 * h) for b in self.blocks})
+        for layer in self.film.values():
+            nn.init.kaiming_uniform_(layer.weight, nonlinearity="linear")  # the reference code's "kaiming" choice
+            with torch.no_grad():
+                layer.bias[:h].fill_(1.0)
+                layer.bias[h:].zero_()
+
+    def film_params(self, params: Mapping[str, Tensor], n_tasks: int) -> dict[int, tuple[Tensor, Tensor]]:
+        """{block: (γ, β)}, each [T, hidden], from the per-task context."""
+        ctx = _context(params, self.context_size, n_tasks).unsqueeze(-1)
+        out = {}
+        for b in self.blocks:
+            gb = torch.baddbmm(params[f"film.{b}.bias"].unsqueeze(-1), params[f"film.{b}.weight"], ctx).squeeze(-1)
+            out[b] = tuple(gb.chunk(2, dim=-1))
+        return out
+
+    def forward_tasks(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """Logits [T, N, n_way] for x [T, N, C, H, W], task t conditioned on ``params['context'][t]``."""
+        return self.net.forward_tasks(_sub(params, "net."), x, film=self.film_params(params, x.shape[0]))
+
+    def features_tasks(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        return self.net.features_tasks(_sub(params, "net."), x, film=self.film_params(params, x.shape[0]))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.net.feature_dim
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        """One task: images [N, C, H, W] with context [context_size] (zeros if omitted)."""
+        ctx = torch.zeros(self.context_size, dtype=x.dtype) if context is None else context
+        params = {k: v.unsqueeze(0) for k, v in self.named_parameters()}
+        return self.forward_tasks({**params, CONTEXT: ctx[None]}, x[None])[0]
