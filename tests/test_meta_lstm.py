@@ -244,3 +244,38 @@ def test_short_sine_run_beats_the_pretrain_baseline(tmp_path):
     ours, pre = res.curves["meta_lstm"].mean(0), res.curves["pretrain"].mean(0)
     assert ours[10] < 0.75 * ours[0] and np.all(np.diff(ours) < 0), ours
     assert ours[10] < 0.85 * pre[10], (ours, pre)
+
+
+def write_mini_imagenet_fixture(root, per_class=17):
+    """MiniImageNet's pickle layout, 5 classes per split of random 84x84 images (enough for 5-way 1-shot, 16 query)."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for s, split in enumerate(("train", "val", "test")):
+        images = rng.integers(0, 256, (5 * per_class, 84, 84, 3), dtype=np.uint8)
+        class_dict = {f"n{s}{c:02d}": list(range(c * per_class, (c + 1) * per_class)) for c in range(5)}
+        with open(root / f"mini-imagenet-cache-{split}.pkl", "wb") as f:
+            pickle.dump({"image_data": images, "class_dict": class_dict}, f)
+
+
+@pytest.mark.slow  # 84x84 images and 75 query images per episode: minutes on a loaded 2-core machine
+def test_mini_imagenet_config_runs_on_the_fixture(tmp_path):
+    """The paper's MiniImageNet setting (84x84 RGB, Conv4-32 with max-pooling, 15 query per class)
+    trains and evaluates end to end; shortened to 2 episodes and 2 updates."""
+    data = tmp_path / "mini-imagenet"
+    write_mini_imagenet_fixture(data)
+    monkey_env = {**os.environ, "METARL_CACHE": str(tmp_path / "cache")}
+    rd = tmp_path / "run"
+    sets = [a for s in ["iterations=2", "checkpoint_every=2", "meta_lstm.updates=2", "pretrain.batch_size=4",
+                        "fewshot_eval.validation_episodes=2", "fewshot_eval.pretrain_lrs=[0.1]"] for a in ("--set", s)]
+    p = subprocess.run([sys.executable, "-m", "metarl.cli", "train", "experiments/meta_lstm_mini_imagenet_5w1s.yaml",
+                        "--run-dir", str(rd), "--data-dir", str(data), *sets], capture_output=True, text=True, timeout=600, env=monkey_env)
+    assert p.returncode == 0, p.stderr
+    cfg = config.load(rd / "config.yaml")
+    assert (cfg.model.hidden, cfg.model.pooling, cfg.episode.q_query, cfg.meta_batch) == (32, "max", 15, 1)
+    p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks", "2", "--steps", "2",
+                        "--data-dir", str(data)], capture_output=True, text=True, timeout=600, env=monkey_env)
+    assert p.returncode == 0, p.stderr
+    out = json.loads((rd / "eval" / "adaptation.json").read_text())
+    assert out["algorithm"] == "meta_lstm" and set(out["methods"]) == {"meta_lstm", "pretrain"} and out["steps"] == [0, 1, 2]
