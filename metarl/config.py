@@ -166,20 +166,64 @@ def from_dict(data: dict) -> Any:
     return build(TRACKS[track], data)
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> Any:
-    """Load ``experiments/NAME.yaml`` (or any path), apply ``--set`` overrides and validate."""
-    path = Path(path)
-    if not path.exists():
-        alt = Path("experiments") / f"{path.name}.yaml"
-        if alt.exists():
-            path = alt
-        else:
-            known = sorted(p.stem for p in Path("experiments").glob("*.yaml")) if Path("experiments").is_dir() else []
-            raise ConfigError(f"config file '{path}' not found" + (f": {_closest(path.stem, known)}" if known else ""))
+def packaged_file(name: str) -> Path | None:
+    """``name`` (``sine.yaml``, ``nav2d_paper_goals.json``) among the files shipped with the package
+    (the checkout's ``experiments/``, installed as ``metarl.experiments``), or None."""
+    from importlib import resources
+
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        path = resources.files("metarl.experiments") / name
+    except ModuleNotFoundError:
+        return None
+    return Path(str(path)) if path.is_file() else None
+
+
+def _packaged_configs() -> list[str]:
+    from importlib import resources
+
+    try:
+        return [p.name[:-5] for p in resources.files("metarl.experiments").iterdir() if p.name.endswith(".yaml")]
+    except ModuleNotFoundError:
+        return []
+
+
+def find_config(path: str | Path) -> Path:
+    """The file a ``metarl train CONFIG`` argument means: the path itself; else, for a name,
+    ``./experiments/NAME.yaml``; else the config of that name shipped with the package, so that
+    ``metarl train sine`` works from any directory after ``pip install``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.exists():
+        raise ConfigError(f"config '{path}' is a directory: give a YAML file, e.g. {path / 'sine.yaml'}")
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    local = Path("experiments") / name
+    if local.is_file():
+        return local
+    shipped = packaged_file(name)
+    if shipped is not None and path.parent in (Path("."), Path("experiments")):
+        return shipped
+    local_names = [p.stem for p in Path("experiments").glob("*.yaml")] if Path("experiments").is_dir() else []
+    known = sorted(set(local_names) | set(_packaged_configs()))
+    raise ConfigError(f"config file '{path}' not found" + (f": {_closest(path.stem, known)}" if known else ""))
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Load a config (see :func:`find_config`), apply ``--set`` overrides and validate."""
+    path = find_config(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+        raise ConfigError(f"{path} is not valid YAML ({' '.join(str(e).split())[:200]}): fix the file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a YAML {type(data).__name__}; a config is a mapping of keys "
+                          f"('track: sine', 'iterations: 100', ...)")
     return from_dict(merge(data, parse_overrides(overrides or [])))
 
 
