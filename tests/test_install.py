@@ -87,3 +87,22 @@ def test_installed_wheel_trains_a_named_config_from_another_directory(fresh_venv
     assert data["metric"] == "mse" and set(data["methods"]) >= {"maml"}
     p = subprocess.run([str(cli), "train", "sinee"], cwd=tmp_path, capture_output=True, text=True, env=_clean_env())
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "did you mean 'sine'" in p.stderr
+
+
+def test_packaged_split_lists_match_the_data_copy_and_are_used_without_one(tmp_path):
+    """Omniglot as its authors distribute it has no split lists: the package's copy is used then,
+    and it is byte for byte the data folder's copy (the reference, md5-listed in its MD5SUMS)."""
+    from types import SimpleNamespace
+
+    from metarl.tasks.omniglot import _vinyals_classes
+
+    shared = REPO.parent / "shared" / "data" / "omniglot" / "splits" / "vinyals"
+    packaged = REPO / "metarl" / "splits" / "vinyals"
+    for split in ("train", "val", "trainval", "test"):
+        if shared.is_dir():
+            assert (packaged / f"{split}.txt").read_bytes() == (shared / f"{split}.txt").read_bytes()
+        lines = (packaged / f"{split}.txt").read_text().split()
+        names = sorted({line.rpartition("/")[0] for line in lines})
+        arrays = SimpleNamespace(data_dir=tmp_path, names=names)  # a data folder with zips only
+        chars, turns = _vinyals_classes(arrays, split)
+        assert [f"{names[c]}/rot{90 * t:03d}" for c, t in zip(chars, turns)] == lines
