@@ -74,6 +74,21 @@ class RLInnerConfig:
     validation return go to adaptation.json under ``step_sizes``. null = use ``eval_lr``."""
     first_order: bool = False
 
+    def validate(self):
+        """Bad values fail here in one line rather than as a traceback (or a silent ascent for a
+        negative step size) mid-run; the upper bounds stop settings so absurd that one iteration
+        would never end (each inner step collects a fresh batch per task)."""
+        from ..config import in_range
+        in_range("inner.lr", self.lr, 0, open_low=True)
+        in_range("inner.eval_lr", self.eval_lr, 0)
+        in_range("inner.eval_lr_grid", self.eval_lr_grid, 0)
+        in_range("inner.steps", self.steps, 0, 100)
+        in_range("inner.eval_steps", self.eval_steps, 0, 100)
+        in_range("inner.episodes", self.episodes, 1, 100_000)
+        in_range("inner.eval_episodes", self.eval_episodes, 1, 100_000)
+        in_range("inner.timesteps", self.timesteps, 1, 100_000_000)
+        in_range("inner.eval_timesteps", self.eval_timesteps, 1, 100_000_000)
+
 
 @dataclass
 class AdvantageConfig:
@@ -89,6 +104,13 @@ class AdvantageConfig:
     paper's code). Identical for fixed-horizon tasks; they differ when episodes end early (2D
     navigation's goal radius), where "episode" gives each step of a short episode more weight."""
     baseline_reg: float = 1e-5
+
+    def validate(self):
+        """γ and λ are discount factors in [0, 1]; the baseline's ridge term must be >= 0."""
+        from ..config import in_range
+        in_range("advantages.gamma", self.gamma, 0, 1)
+        in_range("advantages.gae_lambda", self.gae_lambda, 0, 1)
+        in_range("advantages.baseline_reg", self.baseline_reg, 0)
 
 
 @dataclass
@@ -120,6 +142,20 @@ class RLOuterConfig:
     subset of episodes, the same in every task (the gradient and the line search still use all):
     cheaper CG, slightly different step direction. With fisher "closed_form" only the post-update part
     of each product (about a quarter) shrinks, the inner-step part does not."""
+
+    def validate(self):
+        """TRPO's trust region and line search (Schulman et al. 2015, appendix C) only make sense
+        for a positive KL bound, a backtracking ratio in (0, 1) and at least one step; a subsample
+        of 0 episodes has no curvature. Caught here, they would fail later in CG or the search."""
+        from ..config import in_range
+        in_range("outer.max_kl", self.max_kl, 0, open_low=True)
+        in_range("outer.cg_iters", self.cg_iters, 1, 10_000)
+        in_range("outer.cg_damping", self.cg_damping, 0)
+        in_range("outer.ls_ratio", self.ls_ratio, 0, 1, open_low=True, open_high=True)
+        in_range("outer.ls_steps", self.ls_steps, 1, 1_000)
+        in_range("outer.lr", self.lr, 0, open_low=True)
+        in_range("outer.threads", self.threads, 0, 1_024)
+        in_range("outer.fvp_subsample", self.fvp_subsample, 0, 1, open_low=True)
 
 
 def advantages(episodes, cfg: AdvantageConfig) -> Tensor:

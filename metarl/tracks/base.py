@@ -41,6 +41,8 @@ class RunConfig:
         from ..config import ConfigError
         if self.iterations < 0 or self.checkpoint_every < 1 or self.log_every < 1 or self.snapshot_every < 0:
             raise ConfigError("iterations must be >= 0, checkpoint_every and log_every >= 1, snapshot_every >= 0")
+        from ..config import in_range
+        in_range("seed", self.seed, 0), in_range("iterations", self.iterations, 0, 1_000_000_000)  # NumPy seeds are >= 0
 
 
 class Track:
