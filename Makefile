@@ -5,10 +5,11 @@ STAMP := .venv/.installed
 
 .PHONY: demo test setup clean-venv
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip uninstall -q -y metarl 2>/dev/null || true  # the old distribution name (PyPI's metarl is another project)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from .base import TaskEnv
 
-__all__ = ["TaskEnvError", "find_task_env", "check_task_env"]
+__all__ = ["TaskEnvError", "find_task_env", "check_task_env", "episode_length"]
 
 
 class TaskEnvError(ValueError):
@@ -46,6 +46,23 @@ def find_task_env(env: Any) -> TaskEnv | None:
     return unwrapped if isinstance(unwrapped, TaskEnv) else None
 
 
+def episode_length(env: Any) -> int | None:
+    """The episode cap ``env`` declares, or None: a ``TimeLimit`` in its wrapper chain (what
+    ``gymnasium.register(..., max_episode_steps=N)`` adds), or an attribute of the raw env that
+    libraries use for it, ``horizon`` (metarl's envs, rllab) or ``max_path_length`` (Meta-World,
+    garage); the smallest if several are set. The collector needs one to size its buffers."""
+    candidates, seen, node = [], set(), env
+    while node is not None and id(node) not in seen and not candidates:  # the outermost TimeLimit
+        seen.add(id(node))
+        if getattr(node, "_max_episode_steps", None) is not None:
+            candidates.append(node._max_episode_steps)
+        node = getattr(node, "env", None)
+    unwrapped = getattr(env, "unwrapped", env)
+    candidates += [getattr(unwrapped, name, None) for name in ("horizon", "max_path_length")]
+    ints = [int(c) for c in candidates if isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c > 0]
+    return min(ints) if ints else None
+
+
 def _task_json(task: Any) -> str:
     return json.dumps(task, sort_keys=True)
 
@@ -57,7 +74,8 @@ def check_task_env(env: gym.Env, n: int = 4, seed: int = 0) -> None:
     ``sample_tasks(n, rng)`` returns a list of ``n`` JSON-serialisable dicts and
     is reproducible from ``rng``; ``set_task``/``get_task`` round-trip;
     ``task_vector`` is a finite 1-D float vector of constant length
-    (``task_dim`` if declared); ``reset`` and one ``step`` return observations
+    (``task_dim`` if declared); the spaces are flat Boxes and the env declares an episode
+    length (what the collector needs); ``reset`` right after ``set_task`` and one ``step`` return observations
     of the declared shape with finite values, and a finite scalar reward.
     The env's current task (if any) is restored afterwards; the env is left
     mid-episode, so ``reset`` it before use.
@@ -134,6 +152,18 @@ def _check(env: gym.Env, task_env: TaskEnv, name: str, n: int, seed: int) -> Non
         raise TaskEnvError(f"{name}.task_vector lengths differ across tasks {sorted(dims)}; use a fixed layout")
     if declared is not None and dims and dims != {declared}:
         raise TaskEnvError(f"{name}.task_vector has length {dims.pop()} but task_dim={declared}; make them agree")
+
+    # --- what the collector needs ---------------------------------------------
+    # (it builds a fresh env, sets a sampled task, resets, and sizes its buffers by the episode cap)
+    if not isinstance(env.action_space, gym.spaces.Box) or len(env.action_space.shape) != 1:
+        raise TaskEnvError(f"{name} has action space {env.action_space}; metarl's policies need a flat Box "
+                           f"(continuous) action space")
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        raise TaskEnvError(f"{name} has observation space {env.observation_space}; metarl needs a flat Box: wrap "
+                           f"the env with gymnasium.wrappers.FlattenObservation")
+    if episode_length(env) is None:
+        raise TaskEnvError(f"{name} declares no episode length (no TimeLimit, horizon or max_path_length): "
+                           f"gymnasium.register(..., max_episode_steps=N) or wrap it in gymnasium.wrappers.TimeLimit")
 
     # --- one reset and one step ---------------------------------------------
     space = env.observation_space

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
+import os
+import sys
 from typing import Any
 
 import gymnasium as gym
 
-__all__ = ["TASK_ENV_IDS", "register_task_envs", "make_task_env"]
+__all__ = ["TASK_ENV_IDS", "register_task_envs", "make_task_env", "check_env_kwargs"]
 
 _NAMESPACE = "metarl"
 
@@ -44,6 +47,16 @@ def _known_task_ids() -> list[str]:
     return sorted(k for k in gym.registry if k.startswith(_NAMESPACE + "/"))
 
 
+def _add_working_directory() -> None:
+    """Put the directory the user runs from on ``sys.path``, as ``python -m`` does and the
+    ``metarl`` console script does not, so ``env.id: "mymodule:user/MyEnv-v0"`` finds
+    ``./mymodule.py``. Appended, so a local folder never shadows an installed package. Worker
+    processes inherit ``sys.path`` (fork copies it; spawn passes it to the child)."""
+    cwd = os.getcwd()
+    if not any(os.path.abspath(p or ".") == cwd for p in sys.path):
+        sys.path.append(cwd)
+
+
 def import_env_module(env_id: str) -> str:
     """Gymnasium's ``"module:Env-id"`` convention: import ``module`` (which registers the id) and
     return the bare id, so a user's env registered in their own module works in config files and
@@ -51,11 +64,43 @@ def import_env_module(env_id: str) -> str:
     if ":" not in env_id:
         return env_id
     module, _, bare = env_id.partition(":")
+    _add_working_directory()
     try:
         importlib.import_module(module)
     except ImportError as e:
         raise ValueError(f"cannot import {module!r} for env {env_id!r} ({e}): check the module path and PYTHONPATH") from None
     return bare
+
+
+#: Keyword arguments ``gymnasium.make`` itself takes (not passed to the env's constructor).
+_MAKE_KWARGS = tuple(p for p in inspect.signature(gym.make).parameters if p not in ("id", "kwargs"))
+
+
+def check_env_kwargs(env_id: str, kwargs: Any) -> None:
+    """Check ``kwargs`` against the constructor of registered ``env_id`` before anything is built:
+    a misspelt name (``goal_raduis``) would otherwise surface as a ``TypeError`` traceback from
+    ``gymnasium.make`` in the middle of building the trainer. Raises ValueError naming the closest
+    valid names. An entry point that takes ``**kwargs`` (e.g. a factory passing them on to
+    ``gym.make``) accepts anything; what it rejects still fails when the env is built."""
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f"must be a mapping of argument names to values, got {kwargs!r}")
+    spec = gym.spec(env_id)
+    creator = spec.entry_point
+    try:
+        if isinstance(creator, str):
+            creator = gym.envs.registration.load_env_creator(creator)
+        params = inspect.signature(creator).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return  # no readable signature: gymnasium.make reports it
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    valid += list(_MAKE_KWARGS)
+    for key in kwargs:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+            raise ValueError(f"{env_id} takes no argument {key!r}: {hint}valid: {', '.join(sorted(valid))}")
 
 
 def make_task_env(env_id: str, **kwargs: Any) -> gym.Env:

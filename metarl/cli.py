@@ -14,9 +14,10 @@ from pathlib import Path
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .extras import MissingExtra
     from .training import NonFiniteLoss, RunDirError
 
-    errors = [ConfigError, CheckpointError, RunDirError, NonFiniteLoss, FileNotFoundError]
+    errors = [ConfigError, CheckpointError, RunDirError, NonFiniteLoss, FileNotFoundError, MissingExtra]
     try:
         from .tasks.episodes import DataError
         errors.append(DataError)
@@ -36,12 +37,25 @@ def _algorithm_names() -> str:
         return "see README"
 
 
+def _check_dir(path: Path, flag: str) -> Path:
+    """``path`` if it is, or can become, a directory; a one-line error if it or a parent is a file
+    (``mkdir`` would end in a traceback much later, after the config and the track are built)."""
+    from .config import ConfigError
+
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{flag} {path}: {p} is a file, not a directory; choose another {flag}")
+            break
+    return path
+
+
 def cmd_train(args) -> int:
     from . import config as configlib
     from .training import train
 
+    run_dir = _check_dir(Path(args.run_dir or Path("runs") / Path(args.config).stem), "--run-dir")
     cfg = configlib.load(args.config, args.set + ([f"data.dir={args.data_dir}"] if args.data_dir else []))
-    run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
     track = train(cfg, run_dir, resume=args.resume)
     print(f"trained {cfg.iterations} iterations: {run_dir}")
     try:
@@ -57,17 +71,21 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     import torch
 
+    from . import config as configlib
     from . import evaluation
     from .training import load_track
 
     overrides = list(getattr(args, "set", None) or []) + ([f"data.dir={args.data_dir}"] if getattr(args, "data_dir", None) else [])
     at = getattr(args, "iteration", None)
-    track, cfg, iteration = load_track(args.run_dir, overrides, at)
     out = Path(getattr(args, "out", None) or Path(args.run_dir) / "eval" / (f"iteration_{at}" if at is not None else ""))
+    _check_dir(out, "--out")
+    track, cfg, iteration = load_track(args.run_dir, overrides, at)
     n = args.tasks if args.tasks is not None else cfg.eval.tasks
     steps = args.steps if args.steps is not None else (cfg.eval.steps if cfg.eval.steps is not None else cfg.inner.eval_steps)
     seed = args.seed if args.seed is not None else cfg.eval.seed
     tasks_file = getattr(args, "tasks_file", None)
+    if tasks_file and not Path(tasks_file).exists() and Path(tasks_file).parent in (Path("."), Path("experiments")):
+        tasks_file = str(configlib.packaged_file(Path(tasks_file).name) or tasks_file)  # shipped with the package
     try:
         tasks = None
         if tasks_file:
@@ -100,8 +118,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_baselines(args) -> int:
+    from .config import ConfigError
     from .training import load_track
 
+    if args.timesteps is not None and args.timesteps < 1:
+        raise ConfigError(f"--timesteps must be >= 1 (PPO environment steps), got {args.timesteps}")
     track, cfg, _ = load_track(args.run_dir)
     try:
         if not hasattr(track, "train_baselines"):

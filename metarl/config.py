@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 
 class ConfigError(ValueError):
-    """A config problem, reported as one line that says how to fix it."""
+    """A config problem, reported as one line that says how to fix it (line breaks in the
+    message, e.g. from a key or value the user typed, are folded into spaces)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
 
 
 def resumable(default: Any = dataclasses.MISSING, *, why: str, default_factory: Any = dataclasses.MISSING):
@@ -50,7 +55,68 @@ def closest(word: str, options) -> str:
     return f"{hint}valid: {', '.join(sorted(options))}"
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+#: Every integer of a config fits in 64 bits (torch and NumPy seeds, counts and sizes); larger
+#: ones are typos, and would fail deep inside torch instead of here.
+INT_LIMIT = 2**63 - 1
+
+
+def _to_int(value: Any, where: str) -> int:
+    """An integer, parsed exactly: ``9007199254740993`` (2^53 + 1) keeps every digit (going through
+    float would round it to 2^53 precision, silently changing a seed). A float is accepted only
+    if it is a whole number below 2^53, where float is exact (YAML reads ``1.0e4`` as a float)."""
+    bad = f"'{where}' must be an integer, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(bad)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            try:
+                value = float(value)  # "1e4" from --set
+            except ValueError:
+                raise ConfigError(bad) from None
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise ConfigError(bad)
+        if abs(value) >= 2**53:
+            raise ConfigError(f"'{where}' is {value!r}, too large to be an exact integer as a float: write its digits")
+        value = int(value)
+    if abs(value) > INT_LIMIT:
+        raise ConfigError(f"'{where}' is {value}: integers must lie within ±(2^63 - 1)")
+    return value
+
+
+def _to_float(value: Any, where: str, allow_nonfinite: bool = False) -> float:
+    """A finite number. NaN and inf pass every ``<= 0`` check and then poison a run, so they are
+    refused unless the field opts in (``field(metadata={"nonfinite": True})``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"'{where}' must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"'{where}' must be a number, got {value!r}") from None
+    if not math.isfinite(out) and not allow_nonfinite:
+        raise ConfigError(f"'{where}' must be a finite number, got {value!r}")
+    return out
+
+
+def in_range(key: str, value: Any, low: float | None = None, high: float | None = None, *,
+             open_low: bool = False, open_high: bool = False) -> None:
+    """One-line :class:`ConfigError` unless ``value`` (or every item of a list; None is skipped)
+    lies between ``low`` and ``high`` (inclusive unless ``open_low`` / ``open_high``). The upper
+    bounds keep absurd values (``inner.steps=1e15``, a hidden layer of 10^9 units) from starting
+    a run that never ends or exhausts memory; they are far above any published setting."""
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v is None:
+            continue
+        if (low is not None and (v <= low if open_low else v < low)) or \
+                (high is not None and (v >= high if open_high else v > high)):
+            lo = "" if low is None else f"{'>' if open_low else '>='} {low:g}"
+            hi = "" if high is None else f"{'<' if open_high else '<='} {high:g}"
+            raise ConfigError(f"'{key}' is {value!r}: it must be {' and '.join(filter(None, (lo, hi)))}")
+
+
+def _coerce(value: Any, tp: Any, where: str, allow_nonfinite: bool = False) -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if value is None:
@@ -71,7 +137,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where)
+                return _coerce(value, a, where, allow_nonfinite)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"'{where}' has a bad value {value!r}")
@@ -81,11 +147,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"'{where}' must be a list, got {value!r}")
-        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, inner, f"{where}[{i}]", allow_nonfinite) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"'{where}' must be a mapping, got {value!r}")
+        if not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"'{where}' keys must be names (strings), got {sorted(map(repr, value))}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -94,23 +162,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"'{where}' must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"'{where}' must be an integer, got {value!r}")
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(f"'{where}' must be an integer, got {value!r}") from None
-        if f != int(f):
-            raise ConfigError(f"'{where}' must be an integer, got {value!r}")
-        return int(f)
+        return _to_int(value, where)
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"'{where}' must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"'{where}' must be a number, got {value!r}") from None
+        return _to_float(value, where, allow_nonfinite)
     if tp is str:
+        if isinstance(value, bool):  # YAML reads yes/no/on/off as booleans
+            raise ConfigError(f"'{where}' must be a string, got the boolean {value!r}: quote the value "
+                              f"(YAML reads yes/no/on/off/true/false as booleans)")
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"'{where}' must be a string, got {value!r}")
         return str(value)
@@ -130,7 +188,7 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
         factory = fields[key].default_factory
         if dataclasses.is_dataclass(hints[key]) and factory is not dataclasses.MISSING and isinstance(value, (dict, type(None))):
             value = merge(dataclasses.asdict(factory()), value or {})
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        kwargs[key] = _coerce(value, hints[key], prefix + key, fields[key].metadata.get("nonfinite", False))
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:
@@ -145,7 +203,11 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise ConfigError(f"--set expects key=value, got '{pair}' (e.g. --set inner.lr=0.1)")
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({' '.join(str(e).split())[:120]}); "
+                              f"quote it, e.g. --set '{key}=\"...\"'") from None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -186,20 +248,65 @@ def from_dict(data: dict) -> Any:
     return build(cls, merge(registry.method_defaults(track, name), data))
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> Any:
-    """Load ``experiments/NAME.yaml`` (or any path), apply ``--set`` overrides and validate."""
-    path = Path(path)
-    if not path.exists():
-        alt = Path("experiments") / f"{path.name}.yaml"
-        if alt.exists():
-            path = alt
-        else:
-            known = sorted(p.stem for p in Path("experiments").glob("*.yaml")) if Path("experiments").is_dir() else []
-            raise ConfigError(f"config file '{path}' not found" + (f": {closest(path.stem, known)}" if known else ""))
+
+def packaged_file(name: str) -> Path | None:
+    """``name`` (``sine.yaml``, ``nav2d_paper_goals.json``) among the files shipped with the package
+    (the checkout's ``experiments/``, installed as ``metarl.experiments``), or None."""
+    from importlib import resources
+
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        path = resources.files("metarl.experiments") / name
+    except ModuleNotFoundError:
+        return None
+    return Path(str(path)) if path.is_file() else None
+
+
+def _packaged_configs() -> list[str]:
+    from importlib import resources
+
+    try:
+        return [p.name[:-5] for p in resources.files("metarl.experiments").iterdir() if p.name.endswith(".yaml")]
+    except ModuleNotFoundError:
+        return []
+
+
+def find_config(path: str | Path) -> Path:
+    """The file a ``metarl train CONFIG`` argument means: the path itself; else, for a name,
+    ``./experiments/NAME.yaml``; else the config of that name shipped with the package, so that
+    ``metarl train sine`` works from any directory after ``pip install``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.exists():
+        raise ConfigError(f"config '{path}' is a directory: give a YAML file, e.g. {path / 'sine.yaml'}")
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    local = Path("experiments") / name
+    if local.is_file():
+        return local
+    shipped = packaged_file(name)
+    if shipped is not None and path.parent in (Path("."), Path("experiments")):
+        return shipped
+    local_names = [p.stem for p in Path("experiments").glob("*.yaml")] if Path("experiments").is_dir() else []
+    known = sorted(set(local_names) | set(_packaged_configs()))
+    raise ConfigError(f"config file '{path}' not found" + (f": {closest(path.stem, known)}" if known else ""))
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Load a config (see :func:`find_config`), apply ``--set`` overrides and validate."""
+    path = find_config(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+        raise ConfigError(f"{path} is not valid YAML ({' '.join(str(e).split())[:200]}): fix the file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a YAML {type(data).__name__}; a config is a mapping of keys "
+                          f"('track: sine', 'iterations: 100', ...)")
     return from_dict(merge(data, parse_overrides(overrides or [])))
 
 

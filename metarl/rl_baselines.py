@@ -46,6 +46,7 @@ from gymnasium import spaces
 from torch import nn
 
 from metarl.envs import find_task_env, make_task_env
+from metarl.extras import require
 from metarl.policies.gaussian import GaussianMLPPolicy
 
 __all__ = [
@@ -235,6 +236,7 @@ def train_baseline(
     ~2,300-2,600 timesteps/s on Navigation2D and ~1,300-1,500 on HalfCheetahVel, about 60% of
     the time in the 10 epochs of minibatch-64 updates (``batch_size=256`` gives ~1.5x).
     """
+    require("stable_baselines3", "baselines", "training the PPO baselines")
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
 
@@ -300,6 +302,7 @@ def save_baseline(model, path: str | Path) -> Path:
 
 def load_baseline(path: str | Path, device: str = "cpu"):
     """Load a model written by :func:`save_baseline` (no env attached; ``model.metarl_baseline`` restored)."""
+    require("stable_baselines3", "baselines", f"loading the PPO baseline {path}")
     from stable_baselines3 import PPO
 
     path = Path(path)

@@ -67,6 +67,21 @@ class RLInnerConfig:
     first_order: bool = False
     """First-order MAML-RL: the outer gradient treats the inner REINFORCE gradients as constants."""
 
+    def validate(self):
+        """Bad values fail here in one line rather than as a traceback (or a silent ascent for a
+        negative step size) mid-run; the upper bounds stop settings so absurd that one iteration
+        would never end (each inner step collects a fresh batch per task)."""
+        from ..config import in_range
+        in_range("inner.lr", self.lr, 0, open_low=True)
+        in_range("inner.eval_lr", self.eval_lr, 0)
+        in_range("inner.eval_lr_grid", self.eval_lr_grid, 0)
+        in_range("inner.steps", self.steps, 0, 100)
+        in_range("inner.eval_steps", self.eval_steps, 0, 100)
+        in_range("inner.episodes", self.episodes, 1, 100_000)
+        in_range("inner.eval_episodes", self.eval_episodes, 1, 100_000)
+        in_range("inner.timesteps", self.timesteps, 1, 100_000_000)
+        in_range("inner.eval_timesteps", self.eval_timesteps, 1, 100_000_000)
+
 
 @dataclass
 class AdvantageConfig:
@@ -84,6 +99,13 @@ class AdvantageConfig:
     navigation's goal radius), where "episode" gives each step of a short episode more weight."""
     baseline_reg: float = 1e-5
     """Ridge regulariser of the linear feature baseline's least-squares fit (rllab's reg_coeff)."""
+
+    def validate(self):
+        """γ and λ are discount factors in [0, 1]; the baseline's ridge term must be >= 0."""
+        from ..config import in_range
+        in_range("advantages.gamma", self.gamma, 0, 1)
+        in_range("advantages.gae_lambda", self.gae_lambda, 0, 1)
+        in_range("advantages.baseline_reg", self.baseline_reg, 0)
 
 
 def advantages(episodes, cfg: AdvantageConfig) -> Tensor:

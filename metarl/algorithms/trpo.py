@@ -60,6 +60,20 @@ class RLOuterConfig:
     cheaper CG, slightly different step direction. With fisher "closed_form" only the post-update part
     of each product (about a quarter) shrinks, the inner-step part does not."""
 
+    def validate(self):
+        """TRPO's trust region and line search (Schulman et al. 2015, appendix C) only make sense
+        for a positive KL bound, a backtracking ratio in (0, 1) and at least one step; a subsample
+        of 0 episodes has no curvature. Caught here, they would fail later in CG or the search."""
+        from ..config import in_range
+        in_range("outer.max_kl", self.max_kl, 0, open_low=True)
+        in_range("outer.cg_iters", self.cg_iters, 1, 10_000)
+        in_range("outer.cg_damping", self.cg_damping, 0)
+        in_range("outer.ls_ratio", self.ls_ratio, 0, 1, open_low=True, open_high=True)
+        in_range("outer.ls_steps", self.ls_steps, 1, 1_000)
+        in_range("outer.lr", self.lr, 0, open_low=True)
+        in_range("outer.threads", self.threads, 0, 1_024)
+        in_range("outer.fvp_subsample", self.fvp_subsample, 0, 1, open_low=True)
+
 
 # ------------------------------------------------------------------------------- the outer step
 
@@ -73,6 +87,7 @@ def _subsample_episodes(episodes, adv: Tensor, fraction: float, generator: torch
     idx = torch.randperm(B, generator=generator)[:k].sort().values
     sub = SimpleNamespace(**{name: getattr(episodes, name)[:, :, idx] for name in ("obs", "actions", "mask", "log_probs")})
     return sub, adv[:, :, idx]
+
 
 
 def trpo_outer_step(policy, theta: Params, train, valid, valid_adv: Tensor, phi_old: Params, inner: RLInnerConfig,

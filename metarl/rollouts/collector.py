@@ -56,6 +56,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from metarl.envs.checker import episode_length
+
 from ..functional import forward_tasks
 from . import mujoco_batch
 from .episodes import Episodes, join_tasks
@@ -78,9 +80,9 @@ def _make_env(env: EnvSpec, kwargs: Optional[Mapping[str, Any]]):
     if isinstance(env, str):
         import gymnasium as gym
 
-        import metarl.envs  # noqa: F401  (registers the metarl/... ids)
+        from metarl.envs.registration import import_env_module  # importing metarl.envs registers its ids
 
-        return gym.make(env, **dict(kwargs or {}))
+        return gym.make(import_env_module(env), **dict(kwargs or {}))  # "module:id" imports module here too
     return env(**dict(kwargs or {}))
 
 
@@ -103,6 +105,17 @@ def _find_task_env(env):
         if nxt is None or nxt is node:
             return None
         node = nxt
+
+
+def ensure_task(task_env) -> None:
+    """Give ``task_env`` a task if it has none yet (the first of ``sample_tasks(1, rng(0))``), so
+    that it can be reset: a private probe env is reset before the trainer sets any task."""
+    try:
+        current = task_env.get_task()
+    except Exception:  # noqa: BLE001 - e.g. TaskWrapper's "no task set yet"
+        current = None
+    if current is None:
+        task_env.set_task(task_env.sample_tasks(1, np.random.default_rng(0))[0])
 
 
 def episode_seeds(seed: int, n_tasks: int, episodes_per_task: int) -> np.ndarray:
@@ -504,7 +517,9 @@ class Collector:
         self._spaces(probe)
         self.max_episode_steps = self._episode_cap(probe, max_episode_steps)
 
-        # One probe step learns which numeric infos the env reports (and their shapes).
+        # One probe step learns which numeric infos the env reports (and their shapes). Some envs
+        # cannot reset before they have a task (Meta-World's assert), so the probe gets one first.
+        ensure_task(task_env)
         probe.reset(seed=0)
         step_out = probe.step(self._clip(np.zeros((1, self.act_dim)))[0])
         spec = _numeric_info_spec(step_out[4] if len(step_out) == 5 else {})
@@ -541,11 +556,11 @@ class Collector:
             if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or requested < 1:
                 raise ValueError(f"max_episode_steps must be a positive int, got {requested!r}")
             return int(requested)
-        candidates = [c for c in (mujoco_batch.time_limit(env), getattr(env.unwrapped, "horizon", None))
-                      if isinstance(c, (int, np.integer)) and c > 0]
-        if not candidates:
-            raise ValueError(f"{self.env_id} has neither a TimeLimit nor a horizon: pass Collector(..., max_episode_steps=N)")
-        return int(min(candidates))
+        cap = episode_length(env)
+        if cap is None:
+            raise ValueError(f"{self.env_id} has no TimeLimit, horizon or max_path_length: register it with "
+                             f"gymnasium.register(..., max_episode_steps=N) or pass Collector(..., max_episode_steps=N)")
+        return cap
 
     def _choose_path(self, probe, task_env, requested: Optional[bool]) -> bool:
         if requested is False:

@@ -127,10 +127,13 @@ def load_omniglot(data_dir: str | os.PathLike | None = None, image_size: int = 2
 
 
 def _vinyals_classes(arrays: OmniglotArrays, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(character index, quarter turns) per line of ``splits/vinyals/<split>.txt``."""
+    """(character index, quarter turns) per line of ``splits/vinyals/<split>.txt``: the data
+    folder's copy if it has one, else the copy shipped in the package (Omniglot as downloaded from
+    its authors has no split lists)."""
     rel = f"splits/vinyals/{split}.txt"
-    path = require_file(arrays.data_dir / rel, "the Vinyals et al. 2016 split list")
-    verify_md5(path, read_md5sums(arrays.data_dir).get(rel))
+    folder = arrays.data_dir if (arrays.data_dir / rel).exists() else Path(__file__).resolve().parents[1]
+    path = require_file(folder / rel, "the Vinyals et al. 2016 split list")
+    verify_md5(path, read_md5sums(folder).get(rel) or read_md5sums(path.parent).get(path.name))
     index = {name: i for i, name in enumerate(arrays.names)}
     chars, turns = [], []
     for line in filter(None, map(str.strip, path.read_text().splitlines())):

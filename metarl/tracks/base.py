@@ -6,7 +6,7 @@ the outer update; :mod:`metarl.training` runs ``train_step`` and checkpoints ``s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -56,6 +56,8 @@ class RunConfig:
             raise ConfigError(f"torch_threads must be >= 0 (0 = torch's default), got {self.torch_threads}")
         if self.iterations < 0 or self.checkpoint_every < 1 or self.log_every < 1 or self.snapshot_every < 0:
             raise ConfigError("iterations must be >= 0, checkpoint_every and log_every >= 1, snapshot_every >= 0")
+        from ..config import in_range
+        in_range("seed", self.seed, 0), in_range("iterations", self.iterations, 0, 1_000_000_000)  # NumPy seeds are >= 0
 
 
 class Track:

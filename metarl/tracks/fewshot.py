@@ -124,7 +124,7 @@ class FewShotConfig(RunConfig):
 
     def validate(self):
         super().validate()
-        if self.episode.n_way < 2 or self.episode.k_shot < 1 or (self.episode.q_query or 1) < 1:
+        if self.episode.n_way < 2 or self.episode.k_shot < 1 or (self.episode.q_query is not None and self.episode.q_query < 1):
             raise ConfigError("episode: n_way must be >= 2, k_shot and q_query >= 1")
 
 

@@ -17,10 +17,9 @@ evaluation includes those that exist.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-import torch
 
 from .. import registry
 from ..algorithms.meta_rl import AdvantageConfig, RLInnerConfig, collect_adapted, select_step_sizes
@@ -106,7 +105,7 @@ class RLConfig(RunConfig):
         import difflib
 
         import gymnasium as gym
-        from metarl.envs.registration import import_env_module  # importing metarl.envs registers the built-ins
+        from metarl.envs.registration import check_env_kwargs, import_env_module  # importing metarl.envs registers the built-ins
         try:
             bare = import_env_module(self.env.id)
         except ValueError as e:
@@ -115,8 +114,16 @@ class RLConfig(RunConfig):
             near = difflib.get_close_matches(self.env.id, [k for k in gym.registry if "/" in k], n=3)
             raise ConfigError(f"unknown env.id '{self.env.id}'" + (f": did you mean {', '.join(near)}?" if near else
                               ": register it with gymnasium.register (see README, 'Your own environment')"))
+        try:
+            check_env_kwargs(bare, self.env.kwargs)
+        except ValueError as e:
+            raise ConfigError(f"env.kwargs: {e}") from None
         if self.meta_batch < 1 or self.inner.episodes < 1:
             raise ConfigError("meta_batch and inner.episodes must be >= 1")
+        from ..config import in_range  # upper bounds: one iteration must end (see in_range)
+        in_range("meta_batch", self.meta_batch, 1, 100_000), in_range("sampler.workers", self.sampler.workers, 0, 1_024)
+        in_range("policy.hidden", self.policy.hidden, 1, 100_000), in_range("policy.init_std", self.policy.init_std, 0, open_low=True)
+        in_range("ppo_baselines.timesteps", self.ppo_baselines.timesteps, 1)
         for key in ("timesteps", "eval_episodes", "eval_timesteps"):
             value = getattr(self.inner, key)
             if value is not None and value < 1:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from .. import evaluation, registry
