@@ -205,3 +205,14 @@ def test_cli_evaluate_writes_the_meta_sgd_curve(tmp_path):
     assert set(alpha) == {"layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias", "layers.2.weight", "layers.2.bias"}
     track, _, _ = load_track(rd)
     assert alpha["layers.1.weight"]["mean"] == pytest.approx(track.method.lrs.as_dict()["layers.1.weight"].double().mean().item())
+    # the written curve is the one of the checkpoint's α: re-scored here it matches, and with α
+    # halved it does not
+    seed = out["eval_tasks"]["seed"]
+    torch.manual_seed(seed)
+    again = track.evaluate(10, 2, seed).curves["meta_sgd"].mean(0)
+    assert np.allclose(again, out["methods"]["meta_sgd"]["mean"], rtol=1e-6)
+    with torch.no_grad():
+        for a in track.method.lrs.parameters():
+            a.mul_(0.5)
+    halved = track.evaluate(10, 2, seed).curves["meta_sgd"].mean(0)
+    assert halved[0] == pytest.approx(again[0]) and abs(halved[1] - again[1]) > 1e-4 * abs(again[1])
