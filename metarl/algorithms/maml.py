@@ -11,7 +11,7 @@ the inner gradients as constants (``first_order``, sec. 5.2). Two paths compute 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -89,7 +89,8 @@ def query_losses(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatc
 
 
 def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss, *,
-                  workers: int = 1, predictions: Callable = query_predictions, **inner) -> Tensor:
+                  workers: int = 1, predictions: Callable = query_predictions, extra: Sequence[Tensor] = (),
+                  **inner) -> Tensor:
     """Accumulate ∇θ of MAML's outer objective (the mean query loss over the meta-batch) into the
     ``.grad`` of ``params`` (leaf tensors, e.g. a module's parameters), as
     ``query_losses(...).mean().backward()`` would, and return the query predictions, detached.
@@ -101,8 +102,10 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBat
     so this is the same gradient, regrouped: a sum of per-shard sums instead of one sum.
     ``inner``: steps, lr, first_order, only, batched as in :func:`query_predictions`;
     ``predictions`` (same signature) replaces it for a method that adapts another way (ANIL's
-    head-only inner loop on features computed once, ``anil.py``)."""
-    tensors = [p for p in params.values() if p.requires_grad]
+    head-only inner loop on features computed once, ``anil.py``); ``extra``: further leaf tensors
+    the outer objective depends on through ``inner`` (learned step sizes passed as ``lr``:
+    Meta-SGD's α, Alpha MAML's α), whose ``.grad`` is accumulated too."""
+    tensors = [p for p in params.values() if p.requires_grad] + [t for t in extra if t.requires_grad]
     n = batch.n_tasks
     shards = resolve_workers(workers, n)
     bounds = [(i * n // shards, (i + 1) * n // shards) for i in range(shards)]
