@@ -152,9 +152,15 @@ def remove_stale(run_dir: str | Path) -> list[Path]:
     still being written is recomputed bitwise on ``--resume``."""
     run_dir = Path(run_dir)
     stale = [p for d in (run_dir, run_dir / SNAPSHOTS) if d.is_dir() for p in d.glob(".*.pt.*.tmp")]
+    stale += list(run_dir.glob(".metrics.csv.*.tmp"))  # metarl.logging's rewrite on resume
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def exists(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint ``load`` would read."""
+    return any((Path(run_dir) / name).exists() for name in (LATEST, PREVIOUS))
 
 
 def snapshot_path(run_dir: str | Path, iteration: int) -> Path:
