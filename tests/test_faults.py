@@ -171,6 +171,47 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise(name, tmp_path):
     assert lost == 0
 
 
+KILL_IN_WRITE = textwrap.dedent("""
+    import os, signal, sys
+    from metarl import checkpoint, cli
+    stage, calls = sys.argv[1], {"save": 0, "replace": 0}
+    real_save, real_replace = checkpoint.torch.save, checkpoint.os.replace
+
+    def save(obj, fh):  # the third checkpoint: half of its bytes, then SIGKILL
+        calls["save"] += 1
+        if stage == "mid-write" and calls["save"] == 3:
+            fh.write(b"PK half a checkpoint")
+            fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, fh)
+
+    def replace(a, b):  # the third checkpoint: previous linked, new one not yet in place
+        if stage == "after-link" and calls["save"] == 3 and str(b).endswith(checkpoint.LATEST):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(a, b)
+
+    checkpoint.torch.save, checkpoint.os.replace = save, replace
+    sys.exit(cli.main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize("stage", ["mid-write", "after-link"])
+def test_sigkill_inside_a_checkpoint_write(tmp_path, stage):
+    """A real SIGKILL at the two dangerous points of a rotation (half the temporary file written;
+    the previous checkpoint linked but the new one not yet renamed): the run directory holds a
+    loadable checkpoint of the iteration before, and --resume ends bitwise equal to a straight run."""
+    args = [*SINE, *sets("iterations=6", "checkpoint_every=1")]
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_WRITE, stage, "train", *args, "--run-dir", tmp_path / "cut"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert checkpoint.load(tmp_path / "cut")["iteration"] == 2
+    assert list((tmp_path / "cut").glob(".checkpoint.pt.*.tmp")), "the kill left its temporary file"
+    assert run("train", *args, "--run-dir", tmp_path / "cut", "--resume").returncode == 0
+    assert not list((tmp_path / "cut").glob(".*.tmp"))
+    assert run("train", *args, "--run-dir", tmp_path / "straight").returncode == 0
+    assert same(final_state(tmp_path / "cut"), final_state(tmp_path / "straight"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sine", "rl", pytest.param("fewshot", marks=needs_omniglot)])
 def test_sigkill_campaign(name, tmp_path):
