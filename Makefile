@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test setup clean-venv
+.PHONY: demo test test-slow setup clean-venv
 
 $(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the checks marked @pytest.mark.slow (full-length learning, fault-injection campaigns); .ci/slow runs this
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow -s
 
 clean-venv:
 	rm -rf .venv

@@ -23,6 +23,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(DataError)
     except ImportError:
         pass
+    try:  # a killed collector worker, bad env output (NaN observation, wrong shape): one line each
+        from .rollouts.collector import CollectorError, EnvOutputError
+        errors += [CollectorError, EnvOutputError]
+    except ImportError:
+        pass
     return tuple(errors)
 
 
@@ -48,6 +53,20 @@ def _check_dir(path: Path, flag: str) -> Path:
                 raise ConfigError(f"{flag} {path}: {p} is a file, not a directory; choose another {flag}")
             break
     return path
+
+
+def _refuse_non_finite(result, run_dir, iteration) -> None:
+    """A diverged checkpoint evaluates to inf/NaN curves, which would be written as if they were
+    results (and break the log-scale plot): refuse with one line instead."""
+    import numpy as np
+
+    bad = [name for name, curve in result.curves.items() if not np.isfinite(np.asarray(curve, dtype=float)).all()]
+    if bad:
+        from .training import NonFiniteLoss
+
+        raise NonFiniteLoss(f"evaluation of {run_dir} (iteration {iteration}) gave non-finite {result.metric} for "
+                            f"{', '.join(bad)}: the checkpoint has diverged; evaluate an earlier --iteration or "
+                            f"retrain with lower learning rates")
 
 
 def cmd_train(args) -> int:
@@ -103,6 +122,7 @@ def cmd_evaluate(args) -> int:
             result = track.evaluate(n, steps, seed) if tasks is None else track.evaluate(n, steps, seed, tasks=tasks)
     finally:
         track.close()
+    _refuse_non_finite(result, args.run_dir, iteration)
     which = f"the {n} tasks of {tasks_file}" if tasks_file else f"{n} fresh tasks"
     result.extra["eval_tasks"] = evaluation.task_set(cfg, n, seed, tasks_file)
     data = evaluation.write(result, out, title=f"{cfg.track}, {cfg.algorithm}: {which}, after {iteration} meta-iterations")

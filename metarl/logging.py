@@ -8,6 +8,7 @@ terminal and prints nothing in CI logs.
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -36,11 +37,15 @@ class RunLogger:
         if not rows:
             return
         self._fields = list(rows[0].keys())
-        kept = [r for r in rows if int(r["iteration"]) < start]
-        with open(self.csv_path, "w", newline="") as fh:
+        # a row cut short by a kill mid-write has missing fields: drop it, never misread it
+        kept = [r for r in rows if None not in r.values() and r["iteration"].isdigit() and int(r["iteration"]) < start]
+        # rewritten beside and renamed: a kill during the rewrite must not lose the log
+        tmp = self.csv_path.with_name(f".{self.csv_path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=self._fields)
             w.writeheader()
             w.writerows(kept)
+        os.replace(tmp, self.csv_path)
 
     def log(self, iteration: int, metrics: dict[str, float]) -> None:
         row = {"iteration": iteration, **{k: float(v) for k, v in metrics.items()}}

@@ -70,8 +70,10 @@ def navigation_trajectories(path: str | Path, tasks: list[dict], obs_by_step: li
             xy = np.asarray(obs[i, :, 0, :2])[valid]
             ax.plot(xy[:, 0], xy[:, 1], lw=1.2, label="pre-update" if s == 0 else f"{s} step{'s' if s > 1 else ''}")
         goal = np.asarray(tasks[i]["goal"], dtype=float)
-        ax.scatter([0], [0], color="black", marker="o", s=15)
-        ax.scatter([goal[0]], [goal[1]], color="red", marker="*", s=120, label="goal")
+        # start and goal on top of the paths (scatter's default zorder 1 is below lines' 2, and
+        # adapted paths end on the goal, so it used to be hidden exactly where it matters)
+        ax.scatter([0], [0], color="black", marker="o", s=15, zorder=5)
+        ax.scatter([goal[0]], [goal[1]], color="red", marker="*", s=120, label="goal", zorder=6)
         ax.set_xlim(-0.6, 0.6)
         ax.set_ylim(-0.6, 0.6)
         ax.set_aspect("equal")

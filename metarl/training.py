@@ -9,12 +9,19 @@ a non-finite loss without touching the last good checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import random
 import signal
 from pathlib import Path
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None
 
 from . import checkpoint, config as configlib
 from .logging import RunLogger
@@ -57,6 +64,67 @@ def _changed_keys(now: dict, saved: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def check_state_finite(state, iteration: int, where: str = "") -> None:
+    """Raise :class:`NonFiniteLoss` if any floating tensor of ``state`` (parameters, optimizer
+    moments) holds inf/NaN. A finite loss does not prove a finite state: with inner.lr 1e3-1e5
+    losses stayed near 1e20 while Adam's second moment overflowed to inf, and every checkpoint
+    then held it. Checked before each save, so the last checkpoint on disk stays a good one."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and not bool(torch.isfinite(state).all()):
+            kind = "nan" if bool(torch.isnan(state).any()) else "inf"
+            raise NonFiniteLoss(f"{where or 'state'} became {kind} at iteration {iteration}: lower the learning rates "
+                                f"(--set outer.lr=..., --set inner.lr=...) and --resume from the last good checkpoint")
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            check_state_finite(v, iteration, f"{where}.{k}" if where else str(k))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            check_state_finite(v, iteration, f"{where}[{i}]")
+
+
+LOCK = ".lock"
+
+
+class _RunLock:
+    """An exclusive ``fcntl.lockf`` lock on ``RUN_DIR/.lock`` for the life of one ``train``.
+
+    Two trainers on one run directory would mix checkpoints and interleave ``metrics.csv``; the
+    second refuses in one line instead. POSIX record locks are dropped by the kernel when the
+    holder dies (SIGKILL included), so no stale lock outlives a run, and fork children (collector
+    workers) do not inherit them."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+        self.fd = None
+
+    def __enter__(self):
+        if fcntl is None:
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunDirError(f"{self.path.parent} is in use by another `metarl train` (pid {holder}): "
+                              f"wait for it to finish or choose another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock; the file stays (removing it would race a waiter)
+            self.fd = None
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    """Anything a fresh ``train`` would overwrite or truncate: checkpoints, snapshots, metrics."""
+    return any((run_dir / name).exists() for name in (checkpoint.LATEST, checkpoint.PREVIOUS, "metrics.csv")) \
+        or bool(checkpoint.snapshots(run_dir))
+
+
 def seed_everything(seed: int) -> np.random.Generator:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -70,10 +138,15 @@ def make_track(cfg):
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current iteration."""
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current iteration.
+
+    A second signal ends the run at once (an iteration can take minutes): it raises
+    KeyboardInterrupt wherever the main thread is; the last checkpoint on disk stays valid
+    because every write is atomic."""
 
     def __init__(self):
         self.signal = None
+        self.count = 0
         self._old = {}
 
     def __enter__(self):
@@ -86,6 +159,9 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         self.signal = signum
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt(f"stopped at once by a second signal ({signal.Signals(signum).name})")
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -102,9 +178,40 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
 
     Raises :class:`RunDirError` rather than overwrite a run that has a checkpoint."""
     run_dir = Path(run_dir)
-    has_ckpt = (run_dir / checkpoint.LATEST).exists()
-    if has_ckpt and not resume:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create run directory {run_dir} ({e.strerror}): choose a writable --run-dir") from None
+    try:
+        lock = _RunLock(run_dir).__enter__()
+    except PermissionError as e:
+        raise RunDirError(f"cannot write in run directory {run_dir} ({e.strerror}): fix its permissions or choose "
+                          f"another --run-dir") from None
+    try:
+        return _train_locked(cfg, run_dir, resume, tensorboard)
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        raise RunDirError(_disk_message(e, run_dir)) from None
+    finally:
+        lock.__exit__()
+
+
+_DISK_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_message(e: OSError, run_dir: Path, last_saved: int | None = None) -> str:
+    kept = (f"; the checkpoint of iteration {last_saved} is kept: --resume once it is fixed" if last_saved else "")
+    return (f"cannot write {e.filename or run_dir} ({e.strerror}): fix the permissions or free space of {run_dir}, "
+            f"or choose another --run-dir{kept}")
+
+
+def _train_locked(cfg, run_dir: Path, resume: bool, tensorboard: bool):
+    if not resume and _holds_a_run(run_dir):
         raise RunDirError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir")
+    checkpoint.remove_stale(run_dir)  # we hold the lock: any temporary file is a killed writer's
+    if resume and not checkpoint.exists(run_dir) and (run_dir / "config.yaml").exists():
+        resume = False  # killed before its first checkpoint: nothing to continue, so start it over
     rng = seed_everything(cfg.seed)
     track = make_track(cfg)
     track.run_dir = run_dir
@@ -121,7 +228,6 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
         track.load_state_dict(state["track"])
         checkpoint.restore_rng(state["rng"], rng)
         start = int(state["iteration"])
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(configlib.dump(cfg))
     logger = RunLogger(run_dir, cfg.iterations, start, tensorboard=tensorboard)
     logger.hyperparameters(configlib.to_dict(cfg))
@@ -138,6 +244,7 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
                 snap = cfg.snapshot_every > 0 and done % cfg.snapshot_every == 0
                 if snap or done % cfg.checkpoint_every == 0 or done == cfg.iterations or stop.signal is not None:
                     state = _state(track, cfg, done, rng)
+                    check_state_finite(state["track"], it)
                     checkpoint.save(run_dir, state)
                     if snap:
                         checkpoint.save_snapshot(run_dir, state)
@@ -149,6 +256,17 @@ def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = Tr
         track.close()
         where = f"last good checkpoint: iteration {last_saved} in {run_dir}" if last_saved else "no checkpoint was saved yet"
         raise NonFiniteLoss(f"{e} ({where})") from None
+    except OSError as e:
+        track.close()
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        raise RunDirError(_disk_message(e, run_dir, last_saved)) from None
+    except KeyboardInterrupt as e:
+        track.close()
+        if "second signal" in str(e):
+            kept = f"checkpoint of iteration {last_saved} kept: continue with --resume" if last_saved else "no checkpoint was saved yet"
+            raise KeyboardInterrupt(f"{e}; {kept}") from None
+        raise
     except BaseException:
         track.close()
         raise

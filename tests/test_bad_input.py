@@ -161,8 +161,10 @@ def _keys(cls, prefix=""):
     return out
 
 
-config._load_tracks()
-KEYS = {t: _keys(cls) for t, cls in config.TRACKS.items()}
+from metarl import registry  # noqa: E402
+
+registry.load_all()
+KEYS = {t: _keys(e.config) for t, e in registry.TRACKS.items()}
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

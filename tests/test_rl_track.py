@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from metarl import config
 from metarl.training import load_track, train
@@ -40,12 +41,44 @@ def test_one_inner_step_improves_return_and_meta_training_improves_post_update_r
     assert set(res.curves) == {"maml", "random"}
 
 
-def test_first_order_and_vpg_options_run(tmp_path):
-    for extra in ({"inner": {"lr": 0.1, "episodes": 5, "first_order": True}},
-                  {"outer": {"optimizer": "vpg", "lr": 0.01}, "inner": {"lr": 0.1, "episodes": 5}}):
-        cfg = nav_cfg(iterations=2, meta_batch=4, **extra)
-        track = train(cfg, tmp_path / str(len(list(tmp_path.iterdir()))), tensorboard=False)
+def _theta(track):
+    return {n: p.detach().clone() for n, p in track.policy.named_parameters()}
+
+
+def _csv_column(run_dir, name):
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    i = rows[0].split(",").index(name)
+    return np.array([float(r.split(",")[i]) for r in rows[1:]])
+
+
+def test_first_order_and_vpg_options_change_the_update_as_documented(tmp_path):
+    """Each option is a real run whose inner step still helps, and each changes what it claims:
+    first order gives a different θ than second order from the same seed and data (the
+    dropped second-order terms are not zero); VPG steps Adam (its state counts the steps) where
+    TRPO keeps no optimizer and logs its KL."""
+    base = dict(iterations=3, meta_batch=4, checkpoint_every=100)
+    inner = {"lr": 0.1, "episodes": 5}
+    runs = {"second": nav_cfg(**base, inner=inner), "first": nav_cfg(**base, inner={**inner, "first_order": True}),
+            "vpg": nav_cfg(**base, inner=inner, outer={"optimizer": "vpg", "lr": 0.01})}
+    theta, tracks = {}, {}
+    for name, cfg in runs.items():
+        track = train(cfg, tmp_path / name, tensorboard=False)
         track.close()
+        theta[name], tracks[name] = _theta(track), track
+        pre, post = _csv_column(tmp_path / name, "return/pre"), _csv_column(tmp_path / name, "return/post")
+        assert np.isfinite(pre).all() and np.isfinite(post).all()
+        assert (post > pre).sum() >= 2, (name, pre, post)  # adaptation helps in (almost) every iteration
+    init = _theta(train(nav_cfg(**{**base, "iterations": 0}), tmp_path / "init", tensorboard=False))
+    for name in runs:
+        assert any(not torch.equal(theta[name][k], init[k]) for k in init), f"{name}: θ did not move"
+    assert any(not torch.equal(theta["first"][k], theta["second"][k]) for k in init), "first_order had no effect"
+    adam = tracks["vpg"].optimizers["maml"]
+    assert isinstance(adam, torch.optim.Adam)
+    assert all(int(st["step"]) == 3 for st in adam.state_dict()["state"].values())
+    assert "maml" not in tracks["second"].optimizers
+    assert (_csv_column(tmp_path / "second", "trpo/kl") <= 0.01 * 1.5).all()
+    with pytest.raises(ValueError):
+        _csv_column(tmp_path / "vpg", "trpo/kl")
 
 
 def test_unknown_env_id_is_one_line_with_suggestion():
@@ -97,10 +130,18 @@ def test_cli_evaluate_writes_return_contract(tmp_path):
     assert p.returncode == 2 and "task 1" in p.stderr and "goal" in p.stderr and p.stderr.strip().count("\n") == 0
 
 
-def test_locomotion_evaluation_draws_velocity_traces(tmp_path):
+def test_locomotion_evaluation_draws_velocity_traces(tmp_path, monkeypatch):
+    """One panel per evaluated task (their targets drawn from the evaluation seed's stream),
+    each with a curve before and after the inner step over the whole horizon and the target."""
+    from metarl.envs.half_cheetah import HalfCheetahVelEnv
+    import metarl.plotting as plotting
+
     cfg = config.load("experiments/halfcheetah_vel.yaml", ["iterations=1", "meta_batch=2", "inner.episodes=2",
                                                            "sampler.workers=0", "env.kwargs={horizon: 20}"])
     track = train(cfg, tmp_path, tensorboard=False)
+    figures = []
+    real_close = plotting.plt.close
+    monkeypatch.setattr(plotting.plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
     try:
         res = track.evaluate(3, 1, seed=0)
         assert res.curves["maml"].shape == (3, 2)
@@ -108,6 +149,16 @@ def test_locomotion_evaluation_draws_velocity_traces(tmp_path):
     finally:
         track.close()
     assert (tmp_path / "v.png").stat().st_size > 0
+    targets = [t["velocity"] for t in HalfCheetahVelEnv.sample_tasks(3, np.random.default_rng([0, 1]))]
+    axes = figures[-1].axes
+    assert len(axes) == 3
+    for ax, target in zip(axes, targets):
+        curves = [ln for ln in ax.lines if ln.get_linestyle() != "--"]
+        (line,) = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+        assert np.allclose(line.get_ydata(), target) and ax.get_title() == f"target velocity {target:.2f}"
+        assert [c.get_label() for c in curves] == ["pre-update", "1 step"]
+        assert all(len(c.get_ydata()) == 20 and np.isfinite(c.get_ydata()).all() for c in curves)
+        assert not np.array_equal(curves[0].get_ydata(), curves[1].get_ydata())
 
 
 def test_per_step_evaluation_step_sizes():

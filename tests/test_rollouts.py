@@ -169,6 +169,58 @@ def test_fast_path_steps_exactly_like_gymnasium_envs():
         assert not term.any() and not trunc.any()
 
 
+def _independent_reward(kind, target, x_before, x_after, dt, action):
+    """The task rewards written out from the papers' definitions (Finn et al. 2017 sec. 5.3 via
+    pytorch-maml-rl), not from the project's env code: v = Δx / dt of the root,
+    HalfCheetahVel: -|v - target| - 0.05·Σa²; AntVel: -|v - target| + 1 - 0.005·Σa² + 0.05."""
+    v = (x_after - x_before) / dt
+    if kind == "cheetah":
+        return -abs(v - target) - 0.05 * float(np.sum(np.square(action, dtype=np.float64)))
+    return -abs(v - target) + 1.0 - 0.005 * float(np.sum(np.square(action, dtype=np.float64))) + 0.05
+
+
+@pytest.mark.parametrize("env_id,stock_id,kind,act_dim", [(CHEETAH, "HalfCheetah-v5", "cheetah", 6),
+                                                          ("metarl/AntVel-v0", "Ant-v5", "ant", 8)])
+def test_fast_path_rewards_match_an_independent_formula_on_stock_gymnasium_states(env_id, stock_id, kind, act_dim):
+    """The fast path against stock Gymnasium (``HalfCheetah-v5`` / ``Ant-v5``, none of the
+    project's env code): same start state, same actions; the stock env's states give the
+    velocity, and the formula above the reward (the ant's termination: torso z outside [0.2, 1])."""
+    rng = np.random.default_rng(3)
+    tasks = [{"velocity": 0.7}, {"velocity": 1.9}]
+    seeds = [5, 6]
+    template = gym.make(env_id)
+    stepper = MujocoBatchStepper(template, nthread=1)
+    stepper.reset(tasks, seeds)
+    stock = []
+    for task, seed in zip(tasks, seeds):
+        own = gym.make(env_id)
+        own.unwrapped.set_task(task)
+        own.reset(seed=seed)  # only to read the start state the stepper also uses
+        env = gym.make(stock_id)
+        env.reset(seed=0)
+        env.unwrapped.set_state(own.unwrapped.data.qpos.copy(), own.unwrapped.data.qvel.copy())
+        stock.append(env)
+    active = np.ones(2, dtype=bool)
+    checked = 0
+    for t in range(80):
+        actions = np.clip(rng.normal(size=(2, act_dim)), -1, 1).astype(np.float32)
+        _, reward, term, _, _ = stepper.step(actions, active)
+        for k, env in enumerate(stock):
+            if not active[k]:
+                continue
+            x0 = float(env.unwrapped.data.qpos[0])
+            _, _, stock_term, _, _ = env.step(actions[k])
+            want = _independent_reward(kind, tasks[k]["velocity"], x0, float(env.unwrapped.data.qpos[0]),
+                                       env.unwrapped.dt, actions[k])
+            assert reward[k] == pytest.approx(want, rel=1e-9, abs=1e-9), (t, k)
+            assert bool(term[k]) == bool(stock_term), (t, k)
+            checked += 1
+        active &= ~term
+        if not active.any():
+            break
+    assert checked >= 40
+
+
 @pytest.mark.parametrize("env_id", [CHEETAH, "metarl/AntVel-v0"])
 def test_fast_path_collection_equals_generic_collection(env_id):
     kw = {"horizon": 40}

@@ -127,6 +127,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert (tmp_path / checkpoint.LATEST).read_bytes() == before
 
 
+@pytest.mark.slow  # 600 full meta-batches: `pytest -m slow` / `make test-slow`
 def test_a_few_hundred_iterations_beat_the_pretrain_baseline(tmp_path):
     """After 600 meta-iterations MAML's post-update MSE is clearly below pretrain's (Finn et al. fig. 2)."""
     cfg = sine_cfg(iterations=600, meta_batch=25, checkpoint_every=600, log_every=100)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing as mp
+import os
 import secrets
 import signal
 import sys
@@ -62,7 +63,7 @@ from ..functional import forward_tasks
 from . import mujoco_batch
 from .episodes import Episodes, join_tasks
 
-__all__ = ["Collector", "EnvOutputError", "episode_seeds"]
+__all__ = ["Collector", "CollectorError", "EnvOutputError", "episode_seeds"]
 
 EnvSpec = Union[str, Callable[[], Any]]
 
@@ -70,6 +71,11 @@ EnvSpec = Union[str, Callable[[], Any]]
 class EnvOutputError(ValueError):
     """An env returned something a policy cannot consume (NaN observation, wrong shape, a reward
     that is not a real scalar...). The message is one line naming the env, the episode and the fix."""
+
+
+class CollectorError(RuntimeError):
+    """A collector worker process died (killed, out of memory, crashed in C). One line; the
+    collection is abandoned and the workers are stopped, so a run ends instead of hanging."""
 
 
 # ============================================================================ env construction
@@ -273,16 +279,38 @@ class _EnvGroup:
 # ============================================================================ worker processes
 
 
-def _worker_main(conn, env_fn, env_name, obs_shape, info_spec) -> None:
+PARENT_CHECK_SECONDS = 0.5
+
+
+def _worker_main(conn, env_fn, env_name, obs_shape, info_spec, inherited=()) -> None:
     """Worker loop: receive ``(command, args)``, run it on the env group, send ``(status, result)``.
 
-    SIGINT is ignored so that Ctrl-C reaches only the parent, which then shuts workers down in
-    order; a closed pipe (parent gone) ends the loop."""
+    A worker must never outlive its parent (a SIGKILLed trainer used to leave its workers
+    polling forever):
+    * SIGINT is ignored so that Ctrl-C on a terminal reaches only the parent, which then shuts
+      workers down in order; SIGTERM gets its default action back (a forked child inherits the
+      trainer's SIGTERM handler, which only sets a flag, so ``kill`` did nothing);
+    * ``inherited`` are pipe ends a forked child got by accident: the parent end of its own pipe
+      and of every earlier worker's. Held open here, they keep those pipes from ever reporting
+      EOF when the parent dies, so they are closed first;
+    * while idle the loop checks every ``PARENT_CHECK_SECONDS`` that its parent is still the
+      process that started it (an orphan is re-parented), and a closed pipe ends it too."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for c in inherited:
+        try:
+            c.close()
+        except Exception:
+            pass
+    parent = os.getppid()
     group = _EnvGroup(env_fn, env_name, obs_shape, info_spec)
     try:
         while True:
             try:
+                if not conn.poll(PARENT_CHECK_SECONDS):
+                    if os.getppid() != parent:
+                        break
+                    continue
                 cmd, args = conn.recv()
             except (EOFError, OSError):
                 break
@@ -344,10 +372,12 @@ class _WorkerPool:
         if self.procs and all(p.is_alive() for p in self.procs):
             return
         self.close()
+        forked = self._ctx.get_start_method() == "fork"
         for w in range(self.n):
             parent, child = self._ctx.Pipe()
-            p = self._ctx.Process(target=_worker_main, args=(child, *self._init), daemon=True,
-                                  name=f"metarl-collector-{w}")
+            inherited = (*self.conns, parent) if forked else ()  # see _worker_main
+            p = self._ctx.Process(target=_worker_main, args=(child, *self._init), kwargs={"inherited": inherited},
+                                  daemon=True, name=f"metarl-collector-{w}")
             p.start()
             child.close()
             self.procs.append(p)
@@ -358,29 +388,40 @@ class _WorkerPool:
         # Every worker gets a command and every reply is read before raising, so the pipes stay in
         # sync; if we are interrupted in between (Ctrl-C), the replies can no longer be matched to
         # requests, so the workers are stopped and the next collection starts fresh ones.
+        # A dead worker shows up as BrokenPipeError on send or EOFError on recv: both become the
+        # same one-line CollectorError (a dead worker's pipe reports EOF at once, never a hang).
         completed = False
         try:
-            for conn, args in zip(self.conns, per_worker_args):
-                conn.send((cmd, args))
-            results, failure, dead = [], None, False
-            for w, conn in enumerate(self.conns):
+            results, failure, sent = [], None, []
+            for w, (conn, args) in enumerate(zip(self.conns, per_worker_args)):
                 try:
-                    status, payload = conn.recv()
+                    conn.send((cmd, args))
+                    sent.append(w)
+                except OSError:
+                    failure = failure or ("died", self._died(w))
+            for w in sent:
+                try:
+                    status, payload = self.conns[w].recv()
                 except (EOFError, OSError):
-                    self.procs[w].join(timeout=1)
-                    status, payload, dead = "error", (f"{self.env_name}: collector worker {w} died (exit code "
-                                                      f"{self.procs[w].exitcode}); check memory and the env's constructor"), True
+                    status, payload = "died", self._died(w)
                 if status != "ok" and failure is None:
                     failure = (status, payload)
                 results.append(payload)
-            completed = not dead
+            completed = failure is None or failure[0] != "died"
         finally:
             if not completed:
                 self.close()
         if failure is not None:
             status, msg = failure
-            raise (EnvOutputError if status == "output" else RuntimeError)(msg)
+            raise {"output": EnvOutputError, "died": CollectorError}.get(status, RuntimeError)(msg)
         return results
+
+    def _died(self, w: int) -> str:
+        self.procs[w].join(timeout=1)
+        code = self.procs[w].exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in signal.valid_signals()
+               else f"exit code {code}")
+        return f"{self.env_name}: collector worker {w} died ({how}); check memory and the env's constructor"
 
     def reset(self, tasks, seeds, episodes_per_task) -> np.ndarray:
         self._start()

@@ -136,8 +136,8 @@ def cached_arrays(name: str, key: str, sources: Sequence[Path], build: Callable[
             with np.load(path, allow_pickle=False) as f:
                 if np.array_equal(f["_stamps"], stamps):
                     return {k: f[k] for k in f.files if k != "_stamps"}
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # unreadable or stale: rebuild below
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # unreadable (a 0-byte file is EOFError), damaged or stale: rebuild below
     arrays = build()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

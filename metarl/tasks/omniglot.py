@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +68,18 @@ def _decode_png(data: bytes, size: int) -> np.ndarray:
 
 
 def _decode_zip(path: Path, size: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """([n_chars, 20, size, size] uint8, [(alphabet, character)]) from one ``images_*.zip``."""
+    """([n_chars, 20, size, size] uint8, [(alphabet, character)]) from one ``images_*.zip``.
+
+    Without an ``MD5SUMS`` beside the zips nothing has checked them before decoding, so a
+    truncated or damaged zip surfaces here (``BadZipFile``, ``Bad CRC-32``, a broken PNG): one line."""
+    try:
+        return _decode_zip_unchecked(path, size)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, SyntaxError) as e:  # PIL: OSError/SyntaxError
+        raise DataError(f"{path} is damaged ({type(e).__name__}: {' '.join(str(e).split())}): copy it again, or "
+                        f"{FIX_HINT} pointing at a good copy (an MD5SUMS file beside it checks copies)") from None
+
+
+def _decode_zip_unchecked(path: Path, size: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
     groups: dict[tuple[str, str], dict[int, str]] = {}
     with zipfile.ZipFile(path) as zf:
         for name in zf.namelist():
