@@ -89,7 +89,8 @@ def query_losses(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatc
 
 
 def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss, *,
-                  workers: int = 1, **inner) -> Tensor:
+                  workers: int = 1, objective: Optional[Callable[[TaskBatch], tuple[Tensor, Tensor]]] = None,
+                  **inner) -> Tensor:
     """Accumulate ∇θ of MAML's outer objective (the mean query loss over the meta-batch) into the
     ``.grad`` of ``params`` (leaf tensors, e.g. a module's parameters), as
     ``query_losses(...).mean().backward()`` would, and return the query predictions, detached.
@@ -99,7 +100,11 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBat
     thread (:func:`metarl.threads.task_pool`), and the shards' gradients are added in shard order,
     so the result does not depend on which thread finishes first. Tasks are independent given θ,
     so this is the same gradient, regrouped: a sum of per-shard sums instead of one sum.
-    ``inner``: steps, lr, first_order, only, batched as in :func:`query_predictions`."""
+    ``inner``: steps, lr, first_order, only, batched as in :func:`query_predictions`.
+
+    ``objective(part) -> (query predictions, per-task outer loss [T])`` replaces MAML's query
+    loss for methods whose outer objective differs (MAML++'s multi-step loss); ``params`` then
+    holds every meta-parameter it uses, and ``inner`` is not read."""
     tensors = [p for p in params.values() if p.requires_grad]
     n = batch.n_tasks
     shards = resolve_workers(workers, n)
@@ -107,8 +112,12 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBat
 
     def shard(bound):
         part = batch.tasks(*bound)
-        preds = query_predictions(model, params, part, loss, **inner)
-        total = loss(preds, part.y_query).sum() / n
+        if objective is None:
+            preds = query_predictions(model, params, part, loss, **inner)
+            per_task = loss(preds, part.y_query)
+        else:
+            preds, per_task = objective(part)
+        total = per_task.sum() / n
         return preds.detach(), torch.autograd.grad(total, tensors, allow_unused=True)
 
     results = [shard(bounds[0])] if shards == 1 else list(task_pool(shards).map(shard, bounds))
