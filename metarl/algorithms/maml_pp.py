@@ -41,7 +41,8 @@ function of e alone (constant within an epoch, as in the authors' code). None de
 6. **Cosine annealing of the outer step size (CA, sec. 4 "Fixed outer loop learning rate")**:
    Adam's step size at epoch e is η_min + (η − η_min)(1 + cos(π e / ``epochs``)) / 2 (η =
    ``outer.lr``, paper 0.001; η_min = ``min_lr``, paper 1e-5), as ``torch.optim.lr_scheduler.
-   CosineAnnealingLR`` with T_max = ``epochs`` (paper: 150) stepped per epoch. Off: η throughout.
+   CosineAnnealingLR`` with T_max = ``epochs`` (paper: 150) stepped per epoch, and η_min after
+   ``epochs``. Off: η throughout.
 
 θ, the per-step BN parameters and the step sizes are one Adam optimizer (as in the authors' code).
 The inner loop adapts every parameter of the model except batch norm's; it always runs the batched
@@ -131,8 +132,9 @@ def msl_weights(epoch: int, steps: int, msl_epochs: int, floor: float = 0.03, en
 
 
 def cosine_lr(epoch: int, base: float, minimum: float, epochs: int) -> float:
-    """CosineAnnealingLR's closed form at ``epoch`` (T_max = ``epochs``; sec. 4, Loshchilov & Hutter 2017)."""
-    return minimum + (base - minimum) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+    """CosineAnnealingLR's closed form at ``epoch`` (T_max = ``epochs``; sec. 4, Loshchilov & Hutter
+    2017), held at ``minimum`` past ``epochs`` (the closed form would rise again: no restarts here)."""
+    return minimum + (base - minimum) * (1 + math.cos(math.pi * min(epoch, epochs) / epochs)) / 2
 
 
 def batch_norm_names(model: nn.Module) -> list[str]:
@@ -281,5 +283,5 @@ class MAMLPlusPlus(MAML):
     def step_sizes(self) -> dict:
         if self.lslr is None:
             return {"inner_lr": self.own.lr}
-        return {"lslr": {n: [round(float(v), 6) for v in self.lslr.values[n.replace(".", "-")]] for n in self.lslr.names},
+        return {"lslr": {n: [round(v, 6) for v in self.lslr.values[n.replace(".", "-")].detach().tolist()] for n in self.lslr.names},
                 "beyond_step_K": "steps past K reuse step K's sizes and batch-norm parameters"}
