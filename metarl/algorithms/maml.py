@@ -90,6 +90,7 @@ def query_losses(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatc
 
 def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss, *,
                   workers: int = 1, predictions: Callable = query_predictions, extra: Sequence[Tensor] = (),
+                  objective: Optional[Callable[[TaskBatch], tuple[Tensor, Tensor]]] = None,
                   **inner) -> Tensor:
     """Accumulate ∇θ of MAML's outer objective (the mean query loss over the meta-batch) into the
     ``.grad`` of ``params`` (leaf tensors, e.g. a module's parameters), as
@@ -104,7 +105,11 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBat
     ``predictions`` (same signature) replaces it for a method that adapts another way (ANIL's
     head-only inner loop on features computed once, ``anil.py``); ``extra``: further leaf tensors
     the outer objective depends on through ``inner`` (learned step sizes passed as ``lr``:
-    Meta-SGD's α, Alpha MAML's α), whose ``.grad`` is accumulated too."""
+    Meta-SGD's α, Alpha MAML's α), whose ``.grad`` is accumulated too.
+
+    ``objective(part) -> (query predictions, per-task outer loss [T])`` replaces MAML's query
+    loss for methods whose outer objective differs (MAML++'s multi-step loss); ``params`` (and
+    ``extra``) then hold every meta-parameter it uses, and ``inner`` is not read."""
     tensors = [p for p in params.values() if p.requires_grad] + [t for t in extra if t.requires_grad]
     n = batch.n_tasks
     shards = resolve_workers(workers, n)
@@ -112,8 +117,12 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBat
 
     def shard(bound):
         part = batch.tasks(*bound)
-        preds = predictions(model, params, part, loss, **inner)
-        total = loss(preds, part.y_query).sum() / n
+        if objective is None:
+            preds = predictions(model, params, part, loss, **inner)
+            per_task = loss(preds, part.y_query)
+        else:
+            preds, per_task = objective(part)
+        total = per_task.sum() / n
         return preds.detach(), torch.autograd.grad(total, tensors, allow_unused=True)
 
     results = [shard(bounds[0])] if shards == 1 else list(task_pool(shards).map(shard, bounds))
