@@ -60,6 +60,7 @@ def cmd_evaluate(args) -> int:
     from . import evaluation
     from .training import load_track
 
+    shift = _parse_shift(getattr(args, "shift", None))
     overrides = list(getattr(args, "set", None) or []) + ([f"data.dir={args.data_dir}"] if getattr(args, "data_dir", None) else [])
     at = getattr(args, "iteration", None)
     track, cfg, iteration = load_track(args.run_dir, overrides, at)
@@ -83,8 +84,8 @@ def cmd_evaluate(args) -> int:
         from .threads import torch_threads
         with torch_threads(cfg.torch_threads):
             result = track.evaluate(n, steps, seed) if tasks is None else track.evaluate(n, steps, seed, tasks=tasks)
-            if getattr(args, "shift", None):
-                _evaluate_shift(args.shift, track, cfg, result, n, steps, seed)
+            if shift:
+                _evaluate_shift(shift, track, cfg, result, n, steps, seed)
     finally:
         track.close()
     which = f"the {n} tasks of {tasks_file}" if tasks_file else f"{n} fresh tasks"
@@ -101,16 +102,25 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _evaluate_shift(spec: str, track, cfg, result, n: int, steps: int, seed: int) -> None:
+def _parse_shift(spec):
+    """``--shift KIND=V1,V2,...`` → (kind, values), or None without the flag."""
+    from . import evaluation
+
+    if not spec:
+        return None
+    try:
+        return evaluation.parse_shift(spec)
+    except ValueError as e:
+        raise SystemExit(f"metarl: error: {e}") from None
+
+
+def _evaluate_shift(shift, track, cfg, result, n: int, steps: int, seed: int) -> None:
     """``--shift KIND=V1,V2,...``: the run's method on the same test episodes warped by each factor
     (Finn & Levine 2018 sec. 7), into ``result`` (adaptation.json ``shift``, and ``shift.png``)."""
     from . import evaluation
     from .plotting import shift_plot
 
-    try:
-        kind, values = evaluation.parse_shift(spec)
-    except ValueError as e:
-        raise SystemExit(f"metarl: error: {e}") from None
+    kind, values = shift
     if cfg.track != "fewshot":
         raise SystemExit(f"metarl: error: --shift warps images: it is for few-shot runs, not track '{cfg.track}'")
     m, p = track.method, track.problem
