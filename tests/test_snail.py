@@ -62,7 +62,7 @@ def test_tc_block_dilations_cover_the_sequence():
 def tiny_net(n_way=3, k=2):
     torch.manual_seed(0)
     emb = ImageEmbedding(1, 16, hidden=4, out_dim=6)
-    return SNAILNet(n_way, n_way * k + 1, emb, [4, 8], [3, 5], 4)
+    return SNAILNet(n_way, n_way * k + 1, emb, [4, 8], [3, 5], 4).eval()  # evaluation mode: running batch-norm statistics
 
 
 def test_snail_is_causal(float64):
@@ -162,3 +162,11 @@ def test_evaluate_writes_the_contract(tmp_path, cache):
     assert out["algorithm"] == "snail" and "snail" in out["methods"] and out["steps"] == [0, 1]
     assert out["curve_axis"] == "support examples per class seen" and len(out["methods"]["snail"]["mean"]) == 2
     assert (rd / "eval" / "adaptation.png").exists()
+
+
+def test_sine_is_refused_with_a_one_line_fix():
+    from metarl.config import ConfigError
+    from metarl.registry import build_track
+    for alg in ("snail", "mann"):
+        with pytest.raises(ConfigError, match="use track fewshot"):
+            build_track(config.load("experiments/sine.yaml", [f"algorithm={alg}"]))

@@ -11,7 +11,9 @@ sec. 3). All that differs between them is the sequence model; this module holds 
 - the adaptation curve: ``predict(batch, steps)`` returns the query predictions with 0, 1, ...,
   min(steps, K) support examples per class visible (0: the query alone, a guess), i.e. the curve's
   x axis is "support examples per class seen", not gradient steps (``curve_axis``);
-- the outer update: Adam on the query cross-entropy, end to end through the embedding.
+- the outer update: Adam on the query cross-entropy, end to end through the embedding;
+- the embedding's batch norm (``policies/embedding.py``): batch statistics in ``train_step``,
+  running statistics (``eval()``) in ``predict``, so evaluation predictions are exactly causal.
 
 A subclass provides ``build(in_channels, image_size) -> nn.Module`` whose call
 ``model(x_support [T, S, C, H, W], y_support [T, S], x_query [T, Q, C, H, W])`` returns
@@ -69,6 +71,7 @@ class BlackBox(Method):
             xs, ys = take(xs, order), take(ys, order)
         opt = self.optimizers[self.name]
         opt.zero_grad(set_to_none=True)
+        self.model.train()  # the embedding's batch norm: batch statistics in training (Mishra et al.)
         logits, support_logits = self.model(xs, ys, batch.x_query)
         loss = self.problem.loss(logits, batch.y_query).mean()
         metrics = query_metrics(self.name, self.problem, logits.detach(), batch)
@@ -88,13 +91,16 @@ class BlackBox(Method):
         prefixes of the support sequence): min(steps, K) + 1 tensors [T, Nq, N]."""
         k = batch.y_support.shape[1] // self.n_way
         order = shot_major_order(batch.y_support, self.n_way)
-        out = []
-        with torch.no_grad():
-            for s in range(min(steps, k) + 1):
-                idx = order[:, :s * self.n_way]
-                out.append(self.model(take(batch.x_support, idx), take(batch.y_support, idx), batch.x_query)[0])
+        out, was_training = [], self.model.training
+        self.model.eval()  # running statistics: every image embedded on its own, so predictions are causal
+        try:
+            with torch.no_grad():
+                for s in range(min(steps, k) + 1):
+                    idx = order[:, :s * self.n_way]
+                    out.append(self.model(take(batch.x_support, idx), take(batch.y_support, idx), batch.x_query)[0])
+        finally:
+            self.model.train(was_training)
         return out
-
 
 def validate_common(section: str, lr: float, embedding: int, hidden: int) -> None:
     if lr <= 0 or embedding < 1 or hidden < 1:

@@ -19,8 +19,8 @@ and, for Omniglot: AttentionBlock(64, 32), TCBlock(T, 128), AttentionBlock(256, 
 TCBlock(T, 128), AttentionBlock(512, 256), then a 1×1 convolution (per-position linear layer) to
 N logits. ``snail.key_sizes`` / ``value_sizes`` / ``tc_filters`` set it (one TC block between
 consecutive attention blocks). The embedding is the paper's Omniglot one (``policies/embedding.py``:
-four conv blocks and a linear layer to 64), with per-image normalisation instead of batch norm
-so nothing but the sequence reaches a prediction (why: that module's docstring).
+four conv blocks and a linear layer to 64), batch norm with running statistics at evaluation, so
+nothing but the sequence reaches a prediction (why: that module's docstring).
 
 Queries: each query of an episode is its own sequence, the episode's support prefix followed by
 that query alone (as in the paper, one unlabelled example per sequence), so queries never see
