@@ -94,6 +94,7 @@ def cmd_evaluate(args) -> int:
     from . import evaluation
     from .training import load_track
 
+    shift = _parse_shift(getattr(args, "shift", None))
     overrides = list(getattr(args, "set", None) or []) + ([f"data.dir={args.data_dir}"] if getattr(args, "data_dir", None) else [])
     at = getattr(args, "iteration", None)
     out = Path(getattr(args, "out", None) or Path(args.run_dir) / "eval" / (f"iteration_{at}" if at is not None else ""))
@@ -120,6 +121,8 @@ def cmd_evaluate(args) -> int:
         from .threads import torch_threads
         with torch_threads(cfg.torch_threads):
             result = track.evaluate(n, steps, seed) if tasks is None else track.evaluate(n, steps, seed, tasks=tasks)
+            if shift:
+                _evaluate_shift(shift, track, cfg, result, n, steps, seed)
     finally:
         track.close()
     _refuse_non_finite(result, args.run_dir, iteration)
@@ -135,6 +138,34 @@ def cmd_evaluate(args) -> int:
             print(f"  {name:>9} step sizes chosen on {d['validation_tasks']} validation tasks: {d['chosen']}")
     print(f"wrote {out / 'adaptation.json'}")
     return 0
+
+
+def _parse_shift(spec):
+    """``--shift KIND=V1,V2,...`` → (kind, values), or None without the flag."""
+    from . import evaluation
+
+    if not spec:
+        return None
+    try:
+        return evaluation.parse_shift(spec)
+    except ValueError as e:
+        raise SystemExit(f"metarl: error: {e}") from None
+
+
+def _evaluate_shift(shift, track, cfg, result, n: int, steps: int, seed: int) -> None:
+    """``--shift KIND=V1,V2,...``: the run's method on the same test episodes warped by each factor
+    (Finn & Levine 2018 sec. 7), into ``result`` (adaptation.json ``shift``, and ``shift.png``)."""
+    from . import evaluation
+    from .plotting import shift_plot
+
+    kind, values = shift
+    if cfg.track != "fewshot":
+        raise SystemExit(f"metarl: error: --shift warps images: it is for few-shot runs, not track '{cfg.track}'")
+    m, p = track.method, track.problem
+    vals, stage = evaluation.shift_curve(lambda b: m.predict(b, steps), lambda: track.eval_batches(n, seed), p.metric, kind, values)
+    result.extra["shift"] = evaluation.shift_summary({m.name: vals}, kind, values, stage, m.curve_axis)
+    title = f"{cfg.algorithm} under {kind}: {n} test episodes (95% CI)"
+    result.figures["shift.png"] = lambda path: shift_plot(result.extra["shift"], path, metric=p.metric_name, title=title)
 
 
 def cmd_baselines(args) -> int:
@@ -173,6 +204,8 @@ def cmd_compare(args) -> int:
     from . import evaluation
     from .plotting import adaptation_plot
 
+    if args.shift:
+        return _compare_shift(args)
     try:
         merged = evaluation.compare([evaluation.load(r) for r in args.run_dirs], [str(r) for r in args.run_dirs])
     except ValueError as e:
@@ -181,6 +214,40 @@ def cmd_compare(args) -> int:
     if args.json:
         Path(args.json).write_text(__import__("json").dumps(merged, indent=2))
     for name, d in merged["methods"].items():
+        print(f"  {name:>9}: " + "  ".join(f"{m:.4g}±{c:.2g}" for m, c in zip(d["mean"], d["ci95"])))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _compare_shift(args) -> int:
+    """``metarl compare RUN... --shift``: accuracy vs warp of each run's method in one figure (runs
+    evaluated with the same --shift, --tasks and --seed)."""
+    from . import evaluation
+    from .plotting import shift_plot
+
+    entries, first, key = {}, None, None
+    for r in args.run_dirs:
+        data = evaluation.load(r)
+        if "shift" not in data:
+            raise SystemExit(f"metarl: error: {r} has no task-shift results: run `metarl evaluate {r} --shift shear=0,0.2,0.4,0.6,0.8` first")
+        if first is None:
+            first = data
+        elif data.get("eval_tasks") != first.get("eval_tasks"):
+            raise SystemExit(f"metarl: error: {r} was evaluated on other tasks than {args.run_dirs[0]}: use the same --seed and --tasks")
+        for name, d in data["shift"].items():
+            if key is None:
+                key = (d["kind"], d["values"])
+            elif (d["kind"], d["values"]) != key:
+                raise SystemExit(f"metarl: error: {r} was warped by {d['kind']}={d['values']}, {args.run_dirs[0]} by "
+                                 f"{key[0]}={key[1]}: evaluate every run with the same --shift")
+            label = name if name not in entries else f"{name} ({r})"
+            entries[label] = d
+    shift_plot(entries, args.out, metric=first["metric"], title=f"{len(entries)} methods under {key[0]} on the same "
+                                                                 f"{first['n_tasks']} test episodes (95% CI)")
+    if args.json:
+        Path(args.json).write_text(__import__("json").dumps(entries, indent=2))
+    print(f"{first['metric']} vs {key[0]} factor {key[1]} (mean ± 95% CI):")
+    for name, d in entries.items():
         print(f"  {name:>9}: " + "  ".join(f"{m:.4g}±{c:.2g}" for m, c in zip(d["mean"], d["ci95"])))
     print(f"wrote {args.out}")
     return 0
@@ -211,6 +278,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--iteration", type=int, help="evaluate the snapshot of this iteration (train with --set snapshot_every=N); "
                                                  "default: the latest checkpoint")
     e.add_argument("--out", help="output folder (default RUN_DIR/eval, or RUN_DIR/eval/iteration_N with --iteration)")
+    e.add_argument("--shift", metavar="KIND=V1,V2,...",
+                   help="few-shot: also score the method on the test episodes warped (support and query) by each factor, "
+                        "e.g. shear=0,0.2,0.4,0.6,0.8 or scale=1,0.8,0.6 (adaptation.json 'shift', shift.png)")
     e.set_defaults(fn=cmd_evaluate)
     b = sub.add_parser("baselines", help="train a run's on-demand baselines: meta-RL PPO pretrain/oracle, few-shot pretrain")
     b.add_argument("run_dir")
@@ -227,6 +297,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("run_dirs", nargs="+", help="evaluated runs (RUN_DIR or RUN_DIR/eval/...), one per algorithm")
     c.add_argument("--out", default="compare.png")
     c.add_argument("--json", help="also write the merged curves to this JSON file")
+    c.add_argument("--shift", action="store_true", help="plot accuracy vs warp factor instead (runs evaluated with the same --shift)")
     c.set_defaults(fn=cmd_compare)
     return p
 

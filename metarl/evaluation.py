@@ -195,3 +195,50 @@ def compare(results: list[dict], labels: list[str]) -> dict:
     for name, d in first["methods"].items():
         methods.setdefault(name, d)
     return {**first, "methods": methods, "algorithm": "", "compared": dict(zip(labels, [r.get("algorithm") for r in results]))}
+
+
+# ------------------------------------------------------------------------------ task shift
+
+def parse_shift(spec: str) -> tuple[str, list[float]]:
+    """``"shear=0,0.2,0.4"`` → ("shear", [0.0, 0.2, 0.4]); ValueError with the expected form."""
+    from .tasks.warp import KINDS
+
+    kind, _, values = str(spec).partition("=")
+    try:
+        vals = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if kind.strip() not in KINDS or not vals:
+        raise ValueError(f"--shift takes KIND=V1,V2,... with KIND one of {', '.join(KINDS)}, e.g. shear=0,0.2,0.4,0.6,0.8 "
+                         f"or scale=1,0.8,0.6 (got '{spec}')")
+    return kind.strip(), vals
+
+
+def shift_curve(predict: Callable[[Any], Sequence[torch.Tensor]], batches: Callable[[], Iterable], metric,
+                kind: str, values: Sequence[float]) -> tuple[np.ndarray, int]:
+    """Task shift (Finn & Levine 2018 sec. 7): ([n_tasks, len(values)], stage). Column j is the
+    metric of the LAST adaptation stage ``predict`` returns (gradient methods: after the
+    evaluation's inner steps; black boxes: with the whole support set seen) on the test episodes
+    ``batches()`` with support and query images warped alike by ``kind`` = ``values[j]``
+    (``metarl.tasks.warp``); ``stage`` is that stage's index on the adaptation curve."""
+    from .tasks.warp import warp_batch
+
+    cols, stage = [], 0
+    for v in values:
+        def last(b, v=v):
+            preds = predict(warp_batch(b, kind, v))
+            nonlocal stage
+            stage = len(preds) - 1
+            return preds[-1:]
+        cols.append(curve(last, batches(), metric)[:, 0])
+    return np.stack(cols, axis=1), stage
+
+
+def shift_summary(curves: dict[str, np.ndarray], kind: str, values: Sequence[float], stage: int, axis: str) -> dict:
+    """The ``shift`` entry of adaptation.json: per method {kind, values, mean, ci95, step, curve_axis}."""
+    out = {}
+    for name, vals in curves.items():
+        m, c = mean_ci95(vals)
+        out[name] = {"kind": kind, "values": [float(v) for v in values], "mean": m.tolist(), "ci95": c.tolist(),
+                     "step": int(stage), "curve_axis": axis, "n_tasks": int(vals.shape[0])}
+    return out

@@ -25,8 +25,9 @@ def adaptation_plot(runs: dict[str, dict], path: str | Path, title: str = "") ->
         for method, d in data["methods"].items():
             m, c = np.asarray(d["mean"]), np.asarray(d["ci95"])
             label = f"{run_label}: {method}" if run_label else method
-            line, = ax.plot(steps, m, marker="o", ms=3, label=label)
-            ax.fill_between(steps, m - c, m + c, color=line.get_color(), alpha=0.2)
+            x = steps[:len(m)] if len(m) <= len(steps) else np.arange(len(m))  # a black box's curve stops at K shots
+            line, = ax.plot(x, m, marker="o", ms=3, label=label)
+            ax.fill_between(x, m - c, m + c, color=line.get_color(), alpha=0.2)
     ax.set_xlabel(axis)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_ylabel(LABELS.get(metric, metric or ""))
@@ -104,6 +105,28 @@ def velocity_traces(path: str | Path, tasks: list[dict], velocity_by_step: list,
         ax.set_xlabel("time step")
     axes[0][0].set_ylabel("forward velocity")
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def shift_plot(entries: dict[str, dict], path: str | Path, metric: str = "accuracy", title: str = "") -> None:
+    """Metric vs warp factor (Finn & Levine 2018 sec. 7): ``entries`` label → adaptation.json
+    ``shift`` entry of one method ({kind, values, mean, ci95, step, curve_axis})."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    kind = ""
+    for label, d in entries.items():
+        kind = d["kind"]
+        v, m, c = np.asarray(d["values"]), np.asarray(d["mean"]), np.asarray(d["ci95"])
+        axis = d.get("curve_axis", "inner steps")
+        at = f"{d['step']} {'support examples per class' if axis != 'inner steps' else 'inner steps'}" if "step" in d else ""
+        line, = ax.plot(v, m, marker="o", ms=3, label=f"{label} ({at})" if at else label)
+        ax.fill_between(v, m - c, m + c, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(f"{kind} factor of the test episodes (support and query)")
+    ax.set_ylabel(LABELS.get(metric, metric))
+    ax.set_title(title or "accuracy under task shift (95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
