@@ -109,7 +109,7 @@ def main():
         for k in args.memory_steps:
             cells = []
             for m in args.memory_methods:
-                key = {"imaml": "imaml.inner_steps"}.get(m, "inner.steps")
+                key = {"imaml": "imaml.steps"}.get(m, "inner.steps")
                 r = run_one(m, 1, [f"{key}={k}"])
                 cells.append(f"{r['peak_mb']:10.0f}" if "error" not in r else f"{'failed':>10}")
             print(f"{k:>6} " + " ".join(cells))
