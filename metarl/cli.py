@@ -55,18 +55,33 @@ def _check_dir(path: Path, flag: str) -> Path:
     return path
 
 
-def _refuse_non_finite(result, run_dir, iteration) -> None:
-    """A diverged checkpoint evaluates to inf/NaN curves, which would be written as if they were
-    results (and break the log-scale plot): refuse with one line instead."""
+def _cell(mean, ci) -> str:
+    """One curve point for the terminal; null (non-finite after an overshooting step) prints as —."""
+    return "—" if mean is None or ci is None else f"{mean:.4g}±{ci:.2g}"
+
+
+def _refuse_non_finite(result, run_dir, iteration) -> list[str]:
+    """A diverged checkpoint (non-finite before any adaptation, step 0) would be written as if it
+    were a result and break the log-scale plot: refuse with one line. Non-finite values at later
+    steps are a result (the adaptation overshot, e.g. Meta-SGD's one-step α reused at step 3):
+    they are written as null, and the returned lines say where."""
     import numpy as np
 
-    bad = [name for name, curve in result.curves.items() if not np.isfinite(np.asarray(curve, dtype=float)).all()]
+    curves = {name: np.asarray(curve, dtype=float) for name, curve in result.curves.items()}
+    bad = [name for name, c in curves.items() if not np.isfinite(c[:, 0]).all()]
     if bad:
         from .training import NonFiniteLoss
 
         raise NonFiniteLoss(f"evaluation of {run_dir} (iteration {iteration}) gave non-finite {result.metric} for "
-                            f"{', '.join(bad)}: the checkpoint has diverged; evaluate an earlier --iteration or "
-                            f"retrain with lower learning rates")
+                            f"{', '.join(bad)} before any adaptation: the checkpoint has diverged; evaluate an earlier "
+                            f"--iteration or retrain with lower learning rates")
+    notes = []
+    for name, c in curves.items():
+        steps = [s for s in range(c.shape[1]) if not np.isfinite(c[:, s]).all()]
+        if steps:
+            notes.append(f"metarl: warning: {name}'s {result.metric} is non-finite from step {steps[0]} on (its adaptation "
+                         f"overshoots there); those entries are null in adaptation.json")
+    return notes
 
 
 def cmd_train(args) -> int:
@@ -125,13 +140,14 @@ def cmd_evaluate(args) -> int:
                 _evaluate_shift(shift, track, cfg, result, n, steps, seed)
     finally:
         track.close()
-    _refuse_non_finite(result, args.run_dir, iteration)
+    for line in _refuse_non_finite(result, args.run_dir, iteration):
+        print(line, file=sys.stderr)
     which = f"the {n} tasks of {tasks_file}" if tasks_file else f"{n} fresh tasks"
     result.extra["eval_tasks"] = evaluation.task_set(cfg, n, seed, tasks_file)
     data = evaluation.write(result, out, title=f"{cfg.track}, {cfg.algorithm}: {which}, after {iteration} meta-iterations")
     print(f"{data['metric']} after 0..{steps} {data['curve_axis']} on {which} (mean ± 95% CI):")
     for name, d in data["methods"].items():
-        cells = "  ".join(f"{m:.4g}±{c:.2g}" for m, c in zip(d["mean"], d["ci95"]))
+        cells = "  ".join(_cell(m, c) for m, c in zip(d["mean"], d["ci95"]))
         print(f"  {name:>9}: {cells}")
     for name, d in data.get("step_sizes", {}).items():
         if "validation_tasks" in d:
@@ -214,7 +230,7 @@ def cmd_compare(args) -> int:
     if args.json:
         Path(args.json).write_text(__import__("json").dumps(merged, indent=2))
     for name, d in merged["methods"].items():
-        print(f"  {name:>9}: " + "  ".join(f"{m:.4g}±{c:.2g}" for m, c in zip(d["mean"], d["ci95"])))
+        print(f"  {name:>9}: " + "  ".join(_cell(m, c) for m, c in zip(d["mean"], d["ci95"])))
     print(f"wrote {args.out}")
     return 0
 
@@ -248,7 +264,7 @@ def _compare_shift(args) -> int:
         Path(args.json).write_text(__import__("json").dumps(entries, indent=2))
     print(f"{first['metric']} vs {key[0]} factor {key[1]} (mean ± 95% CI):")
     for name, d in entries.items():
-        print(f"  {name:>9}: " + "  ".join(f"{m:.4g}±{c:.2g}" for m, c in zip(d["mean"], d["ci95"])))
+        print(f"  {name:>9}: " + "  ".join(_cell(m, c) for m, c in zip(d["mean"], d["ci95"])))
     print(f"wrote {args.out}")
     return 0
 

@@ -48,15 +48,19 @@ def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and 95% normal-approximation half-width over axis 0."""
     values = np.asarray(values, dtype=np.float64)
     n = values.shape[0]
-    sd = values.std(axis=0, ddof=1) if n > 1 else np.zeros(values.shape[1:])
-    return values.mean(axis=0), 1.96 * sd / np.sqrt(n)
+    with np.errstate(invalid="ignore", over="ignore"):  # a non-finite step stays non-finite (written as null)
+        sd = values.std(axis=0, ddof=1) if n > 1 else np.zeros(values.shape[1:])
+        return values.mean(axis=0), 1.96 * sd / np.sqrt(n)
 
 
 def summary(result: EvalResult) -> dict:
     methods = {}
     for name, vals in result.curves.items():
         m, c = mean_ci95(vals)
-        methods[name] = {"mean": m.tolist(), "ci95": c.tolist()}
+        # strict JSON has no inf/NaN: a step whose adaptation overshot (e.g. Meta-SGD's one-step α
+        # reused at step 3) is written as null, and the CLI says which
+        methods[name] = {"mean": [float(x) if np.isfinite(x) else None for x in m],
+                         "ci95": [float(x) if np.isfinite(x) else None for x in c]}
     out = {"metric": result.metric, "higher_is_better": result.higher_is_better, "algorithm": result.algorithm,
            "curve_axis": result.curve_axis, "steps": result.steps, "n_tasks": result.n_tasks, "methods": methods}
     if result.step_sizes:

@@ -23,7 +23,7 @@ def adaptation_plot(runs: dict[str, dict], path: str | Path, title: str = "") ->
             axis = data["curve_axis"]
         steps = np.asarray(data["steps"])
         for method, d in data["methods"].items():
-            m, c = np.asarray(d["mean"]), np.asarray(d["ci95"])
+            m, c = np.asarray(d["mean"], dtype=float), np.asarray(d["ci95"], dtype=float)  # null (overshot) -> NaN: a gap
             label = f"{run_label}: {method}" if run_label else method
             x = steps[:len(m)] if len(m) <= len(steps) else np.arange(len(m))  # a black box's curve stops at K shots
             line, = ax.plot(x, m, marker="o", ms=3, label=label)

@@ -637,3 +637,20 @@ def test_truncated_data_zip_is_one_line_from_the_cli(tmp_path):
     p = run("train", *FEWSHOT, *sets("iterations=2"), "--data-dir", folder, "--run-dir", tmp_path / "run",
             env=dict(os.environ, METARL_CACHE=str(tmp_path / "cache")))
     assert_one_line_error(p, "images_background.zip is damaged")
+
+
+def test_evaluate_writes_an_overshooting_later_step_as_null_with_a_warning(sine_run, tmp_path):
+    """Finite before adaptation but non-finite after an absurd step (Meta-SGD's one-step α reused
+    at step 3 does this): a result, not a diverged checkpoint. It is written as strict JSON with
+    null there, and stderr says from which step."""
+    import json
+    rd = _copy_run(sine_run, tmp_path / "run")
+    p = run("evaluate", rd, "--tasks", "4", "--steps", "4", "--set", "inner.lr=1e8")
+    assert p.returncode == 0, p.stderr
+    assert "warning: maml's mse is non-finite from step" in p.stderr
+    def no_constants(name):
+        raise AssertionError(f"adaptation.json holds {name}: not strict JSON")
+    data = json.loads((rd / "eval" / "adaptation.json").read_text(), parse_constant=no_constants)
+    mean = data["methods"]["maml"]["mean"]
+    assert mean[0] is not None and None in mean
+    assert (rd / "eval" / "adaptation.png").exists()
