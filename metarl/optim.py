@@ -80,6 +80,17 @@ def _scalar(value: Tensor, what: str) -> Tensor:
 
 # ------------------------------------------------------------------------------------ CG and HVP
 
+def clamp_grads(parameters, clip) -> None:
+    """Clamp every ``.grad`` element to ±clip in place (no-op for ``clip`` None): the elementwise
+    meta-gradient clipping of the CAVIA and MAML++ reference code, which keeps one exploding inner
+    trajectory from writing an overflowing second moment into Adam."""
+    if clip is None:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            p.grad.clamp_(-clip, clip)
+
+
 def conjugate_gradient(Avp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10,
                        residual_tol: float = 1e-10) -> Tensor:
     """Approximately solve A x = b for symmetric positive-definite A given only v ↦ A v.

@@ -12,7 +12,7 @@ import torch
 from metarl import config
 from metarl.adaptation import adapt
 from metarl.algorithms.base import Problem
-from metarl.algorithms.imaml import IMAML, implicit_gradient, proximal_objective, proximal_solve
+from metarl.algorithms.imaml import IMAML, implicit_gradient, proximal_objective, proximal_solve, proximal_steps
 from metarl.functional import forward_tasks, stack
 from metarl.objectives import mse
 from metarl.optim import conjugate_gradient, conjugate_gradient_batched
@@ -32,7 +32,7 @@ def quadratic(T=3, d=4, seed=0):
     M = torch.randn(T, d, d, generator=g)
     A = M @ M.transpose(1, 2) + 0.5 * torch.eye(d)
     a, b, theta = (torch.randn(T, d, generator=g) for _ in range(3))
-    support = lambda p: 0.5 * torch.einsum("ti,tij,tj->", p["w"] - a, A, p["w"] - a)
+    support = lambda p: 0.5 * torch.einsum("ti,tij,tj->t", p["w"] - a, A, p["w"] - a)  # [T]
     query = lambda w: (0.5 * ((w - b) ** 2).sum(1) + torch.sin(w).sum(1))  # [T]
     return A, a, theta[0], support, query
 
@@ -71,6 +71,27 @@ def test_implicit_gradient_equals_the_closed_form_on_a_quadratic_task(float64):
     th = theta.expand(T, d).clone().requires_grad_(True)
     star_of = torch.linalg.solve(A + lam * I, (torch.einsum("tij,tj->ti", A, a) + lam * th).unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(x, torch.autograd.grad(query(star_of).sum(), th)[0], rtol=1e-9, atol=1e-11)
+
+
+def test_safeguarded_solve_converges_where_a_fixed_step_diverges(float64):
+    """A step size 3x beyond 2/L (L the largest curvature of support + λ/2‖·‖²): plain gradient
+    descent blows up, the safeguarded solver rejects rising steps, halves that task's step, descends
+    monotonically per task and reaches the closed-form φ* = (A + λI)⁻¹(Aa + λθ)."""
+    A, a, theta, support, _ = quadratic(seed=2)
+    T, d = a.shape
+    lam = 1.0
+    L = (torch.linalg.eigvalsh(A).max(-1).values + lam)  # [T]
+    lr = 3 * 2.0 / L.min().item()
+    start = {"w": stack({"w": theta}, T)["w"]}
+    star = torch.linalg.solve(A + lam * torch.eye(d), (torch.einsum("tij,tj->ti", A, a) + lam * theta).unsqueeze(-1)).squeeze(-1)
+    plain, _ = proximal_solve(support, start, lam, lr=lr, steps=60, safeguard=False)
+    assert not torch.isfinite(plain["w"]).all() or (plain["w"] - star).norm() > 1e3
+    objective = proximal_objective(support, start, lam, per_task=True)
+    values = [objective(start)] + [objective(phi) for phi, _ in proximal_steps(support, start, lam, lr=lr, steps=3000)]
+    assert all((v2 <= v1).all() for v1, v2 in zip(values, values[1:]))
+    phi, taken = proximal_solve(support, start, lam, lr=lr, steps=3000)
+    assert (taken == 3000).all()
+    assert torch.allclose(phi["w"], star, atol=1e-8)
 
 
 def test_implicit_gradient_approaches_the_unrolled_gradient_as_the_inner_problem_converges(float64):

@@ -98,6 +98,23 @@ def test_cosine_outer_step_size_by_hand_and_the_step_uses_it():
     assert moved.numel() > 0 and torch.allclose(moved, torch.full_like(moved, hand[6]), rtol=1e-3)
 
 
+def test_grad_clip_clamps_the_applied_meta_gradient_elementwise_and_is_the_sine_default():
+    """The gradient Adam steps on is the unclipped meta-gradient clamped to ±c (same init, same
+    batch); sine resolves grad_clip 10 from the method's defaults, few-shot keeps the paper's none."""
+    grads = {}
+    for clip in (None, 0.05):
+        torch.manual_seed(0)
+        m = sine_method(steps=2, grad_clip=clip)
+        m.train_step(sine_batch(), 0)
+        grads[clip] = {n: p.grad.clone() for n, p in m.model.named_parameters()}
+    raw = torch.cat([g.flatten() for g in grads[None].values()])
+    assert (raw.abs() > 0.05).any() and (raw.abs() < 0.05).any()  # some elements are clipped, some not
+    for n, g in grads[None].items():
+        assert torch.equal(grads[0.05][n], g.clamp(-0.05, 0.05))
+    assert config.from_dict({"track": "sine", "algorithm": "maml_pp"}).maml_pp.grad_clip == 10.0
+    assert config.from_dict({"track": "fewshot", "algorithm": "maml_pp"}).maml_pp.grad_clip is None
+
+
 # ---------------------------------------------------------------------------- per-step batch norm
 
 def test_each_inner_step_uses_its_own_batch_norm_parameters():

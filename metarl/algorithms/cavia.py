@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ..config import ConfigError
 from ..functional import Params, params_of
+from ..optim import clamp_grads
 from ..registry import algorithm
 from ..tasks.batch import TaskBatch
 from .base import Method, Problem, finite
@@ -117,10 +118,7 @@ class CAVIA(Method):
                               first_order=o.first_order, only=ONLY, batched=True, workers=o.task_workers)
         metrics = query_metrics(self.name, self.problem, preds, batch)
         if finite(metrics):
-            if o.grad_clip is not None:
-                for p in self.model.parameters():
-                    if p.grad is not None:
-                        p.grad.clamp_(-o.grad_clip, o.grad_clip)
+            clamp_grads(self.model.parameters(), o.grad_clip)
             opt.step()
         return metrics
 

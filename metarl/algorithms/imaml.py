@@ -33,12 +33,12 @@ with λ = 0, which ``imaml.eval_lam: 0`` reproduces (default: the training λ, t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from ..adaptation import inner_step, trajectory
+from ..adaptation import inner_step
 from ..config import ConfigError, resumable
 from ..functional import Params, detached, forward_tasks, params_of, stack
 from ..optim import conjugate_gradient_batched, flat, hvp_fn, unflat
@@ -65,6 +65,8 @@ class IMAMLConfig:
     """Conjugate-gradient steps for (I + H/λ)⁻¹ g (the paper: 5; 0 = first-order, the meta-gradient is g)."""
     cg_damping: float = 0.0
     """δ in ((1 + δ)I + H/λ): extra damping when H is far from positive definite (the paper: 0)."""
+    safeguard: bool = True
+    """Reject a step that raises a task's proximal objective and halve that task's step size (monotone descent; off: plain fixed-step GD)."""
     eval_lam: Optional[float] = resumable(None, why="evaluation only")
     """λ of the evaluation curve's inner steps (null: lam; 0: plain fine-tuning, as the authors' test script)."""
 
@@ -96,44 +98,71 @@ def unrows(mat: Tensor, like: Mapping[str, Tensor]) -> Params:
 
 # ----------------------------------------------------------------------------- the two solves
 
-def proximal_objective(support_loss: LossFn, anchor: Mapping[str, Tensor], lam: float) -> LossFn:
-    """φ ↦ L_support(φ) + λ/2 ‖φ − θ‖² (summed over stacked tasks, each with its own anchor row)."""
+def proximal_objective(support_loss: LossFn, anchor: Mapping[str, Tensor], lam: float, *, per_task: bool = False) -> LossFn:
+    """φ ↦ L_support(φ) + λ/2 ‖φ − θ‖², each task with its own anchor row. ``support_loss`` returns
+    the per-task losses [T]; the objective is their sum, or (``per_task``) the vector [T] itself."""
     def f(p: Params) -> Tensor:
-        reg = sum(((p[k] - a) ** 2).sum() for k, a in anchor.items())
-        return support_loss(p) + 0.5 * lam * reg
+        reg = sum(((p[k] - a) ** 2).flatten(1).sum(1) for k, a in anchor.items())
+        values = support_loss(p) + 0.5 * lam * reg
+        return values if per_task else values.sum()
     return f
 
 
-def proximal_solve(support_loss: LossFn, theta: Mapping[str, Tensor], lam: float, *, lr: float, steps: int,
-                   tol: float = 0.0) -> tuple[Params, Tensor]:
-    """Approximately solve each task's proximal problem (eq. 3) by gradient descent from θ.
+def proximal_steps(support_loss: LossFn, theta: Mapping[str, Tensor], lam: float, *, lr: float, steps: int,
+                   tol: float = 0.0, safeguard: bool = True) -> Iterator[tuple[Params, Tensor]]:
+    """Gradient descent from θ on each task's proximal problem (eq. 3), yielding (φ, steps taken
+    per task [T]) after every step, without an outer graph (detached, under ``no_grad``: memory does
+    not grow with ``steps``).
 
-    ``theta``: task-stacked parameters [T, ...] (detached: this runs without an outer graph, under
-    ``no_grad``, and returns detached φ, so the cost in memory is that of one inner step whatever
-    ``steps`` is). ``support_loss(p)`` sums the per-task losses. A task stops once the gradient
-    of its proximal objective, read off its last step as ‖Δφ‖/lr, is at most ``tol`` (its step
-    size becomes 0; the others go on). Returns (φ, inner steps taken per task [T])."""
+    ``theta``: task-stacked parameters [T, ...]; ``support_loss(p)``: the per-task losses [T].
+    iMAML needs φ close to the minimiser, not a particular path to it (eq. 7 depends on φ* only),
+    so the solver may control its step: with ``safeguard`` a step that raises a task's proximal
+    objective (or makes it non-finite) is rejected for that task and its step size halved, which
+    makes the descent monotone per task. Without it a fixed step larger than 2/curvature diverges,
+    and a meta-trained θ sits exactly where the support loss is steep (sine: NaN after ~800
+    iterations; RESULTS.md). A task stops once the gradient of its proximal objective, read off its
+    last accepted step as ‖Δφ‖/step, is at most ``tol``; the others go on."""
     anchor = detached(theta)
     objective = proximal_objective(support_loss, anchor, lam)
+    values = proximal_objective(support_loss, anchor, lam, per_task=True)
     phi = dict(anchor)
     n = next(iter(phi.values())).shape[0]
     taken = torch.zeros(n, dtype=torch.long)
     active = torch.ones(n, dtype=torch.bool)
+    rate = torch.full((n,), float(lr), dtype=next(iter(phi.values())).dtype)
+    per_row = lambda x, v: x.view(n, *[1] * (v.dim() - 1))
     with torch.no_grad():
+        f = values(phi) if safeguard else None
         for _ in range(steps):
-            if tol > 0:
-                step = {k: lr * active.to(v.dtype).view(n, *[1] * (v.dim() - 1)) for k, v in phi.items()}
-            else:
-                step = lr
-            new = inner_step(objective, phi, step)
-            taken += active
-            if tol > 0:
-                moved = rows({k: new[k] - phi[k] for k in phi}).norm(dim=1) / lr
-                active = active & (moved > tol)
-            phi = new
-            if tol > 0 and not bool(active.any()):
+            if not bool(active.any()):
                 break
-    return phi, taken
+            used = rate * active.to(rate.dtype)
+            new = inner_step(objective, phi, {k: per_row(used, v) for k, v in phi.items()})
+            taken += active
+            accepted = active.clone()
+            if safeguard:
+                f_new = values(new)
+                # a task whose objective is already non-finite (bad data) is not "protected": its NaN
+                # must reach the outer loss, where the training loop stops the run
+                accepted &= (torch.isfinite(f_new) & (f_new <= f)) | ~torch.isfinite(f)
+                rate = torch.where(active & ~accepted, rate / 2, rate)
+                new = {k: torch.where(per_row(accepted, v), v, phi[k]) for k, v in new.items()}
+                f = torch.where(accepted, f_new, f)
+            if tol > 0:
+                moved = rows({k: new[k] - phi[k] for k in phi}).norm(dim=1) / torch.where(accepted, used, torch.ones_like(used))
+                active &= ~accepted | (moved > tol)
+            phi = new
+            yield phi, taken.clone()
+
+
+def proximal_solve(support_loss: LossFn, theta: Mapping[str, Tensor], lam: float, *, lr: float, steps: int,
+                   tol: float = 0.0, safeguard: bool = True) -> tuple[Params, Tensor]:
+    """Approximately solve each task's proximal problem (eq. 3): the last of :func:`proximal_steps`.
+    Returns (φ, inner steps taken per task [T])."""
+    out = (detached(theta), torch.zeros(next(iter(theta.values())).shape[0], dtype=torch.long))
+    for out in proximal_steps(support_loss, theta, lam, lr=lr, steps=steps, tol=tol, safeguard=safeguard):
+        pass
+    return out
 
 
 def implicit_gradient(support_loss: LossFn, phi: Mapping[str, Tensor], query_grads: Mapping[str, Tensor], lam: float, *,
@@ -141,13 +170,13 @@ def implicit_gradient(support_loss: LossFn, phi: Mapping[str, Tensor], query_gra
     """Per task, x_t ≈ ((1 + damping) I + H_t/λ)⁻¹ g_t (eq. 7), with H_t the Hessian of task t's
     support loss at φ_t, by ``cg_steps`` CG steps on Hessian-vector products (never forming H).
 
-    ``phi`` and ``query_grads`` are task-stacked [T, ...]; ``support_loss`` sums the per-task
-    losses, so the Hessian of the sum is block diagonal over tasks and one double-backward pass
+    ``phi`` and ``query_grads`` are task-stacked [T, ...]; ``support_loss`` gives the per-task
+    losses, summed here, so the Hessian of the sum is block diagonal over tasks and one double-backward pass
     (:func:`metarl.optim.hvp_fn`) gives every H_t v_t. Returns x, stacked like ``phi``."""
     if cg_steps == 0:
         return {k: g.detach() for k, g in query_grads.items()}
     leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-    hvp = hvp_fn(support_loss, leaves)
+    hvp = hvp_fn(lambda p: support_loss(p).sum(), leaves)
 
     def operator(v: Tensor) -> Tensor:
         hv = rows(unflat(hvp(flat(unrows(v, leaves))), leaves))
@@ -178,13 +207,14 @@ class IMAML(Method):
         self.optimizers[self.name] = torch.optim.Adam(self.model.parameters(), lr=cfg.outer.lr)
 
     def support_loss(self, batch: TaskBatch) -> LossFn:
-        return lambda p: self.problem.loss(forward_tasks(self.model, p, batch.x_support), batch.y_support).sum()
+        """p ↦ the per-task support losses [T]."""
+        return lambda p: self.problem.loss(forward_tasks(self.model, p, batch.x_support), batch.y_support)
 
     def adapt(self, batch: TaskBatch) -> tuple[Params, Tensor]:
         """(φ ≈ φ*(θ) per task, detached and stacked; inner steps taken per task)."""
         o = self.own
         theta = stack(detached(params_of(self.model)), batch.n_tasks)
-        return proximal_solve(self.support_loss(batch), theta, o.lam, lr=o.lr, steps=o.steps, tol=o.tol)
+        return proximal_solve(self.support_loss(batch), theta, o.lam, lr=o.lr, steps=o.steps, tol=o.tol, safeguard=o.safeguard)
 
     def meta_gradient(self, batch: TaskBatch) -> tuple[Params, Tensor, Tensor]:
         """(∇θ of the mean query loss by eq. 7, per parameter; query predictions; steps taken)."""
@@ -214,8 +244,8 @@ class IMAML(Method):
         o = self.own
         lam = o.lam if o.eval_lam is None else o.eval_lam
         theta = stack(detached(params_of(self.model)), batch.n_tasks)
-        objective = proximal_objective(self.support_loss(batch), theta, lam)
-        phis = trajectory(objective, theta, steps, lr=o.lr)
+        phis = [theta] + [phi for phi, _ in proximal_steps(self.support_loss(batch), theta, lam, lr=o.lr, steps=steps,
+                                                          safeguard=o.safeguard)]
         with torch.no_grad():
             return [forward_tasks(self.model, phi, batch.x_query) for phi in phis]
 

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from ..adaptation import inner_step
 from ..config import ConfigError
 from ..functional import forward_tasks, params_of, stack
+from ..optim import clamp_grads
 from ..registry import algorithm
 from ..tasks.batch import TaskBatch
 from .base import Problem, finite
@@ -103,6 +104,8 @@ class MAMLPPConfig:
     """Cosine-anneal the outer step size from outer.lr to ``min_lr`` over ``epochs``."""
     min_lr: float = 1e-5
     """Outer step size at the end of the cosine schedule (paper: 1e-5)."""
+    grad_clip: Optional[float] = None
+    """Clamp each meta-gradient element to ±grad_clip before the Adam step (the authors' code does for ImageNet; null: off)."""
 
     def validate(self):
         if self.steps < 1 or self.lr <= 0:
@@ -112,6 +115,8 @@ class MAMLPPConfig:
                               "e.g. --set maml_pp.epoch_length=500")
         if not 0 <= self.msl_floor <= 1:
             raise ConfigError(f"maml_pp.msl_floor must be in [0, 1] (units of 1/K), got {self.msl_floor}: the paper's code uses 0.03")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"maml_pp.grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.min_lr < 0:
             raise ConfigError(f"maml_pp.min_lr must be >= 0, got {self.min_lr}: the paper uses 1e-5")
 
@@ -172,7 +177,10 @@ class PerStep(nn.Module):
 class MAMLPlusPlus(MAML):
     """MAML++ (Antoniou et al. 2019): the module docstring lists its fixes and their switches."""
     Config = MAMLPPConfig
-    defaults = {"sine": {"maml_pp": {"lr": 0.01}, "inner": {"eval_steps": 10}},
+    # sine (not in the paper): MAML's α and elementwise clipping at 10, without which a 5-step
+    # trajectory under learned (and soon negative) step sizes explodes within a few hundred
+    # iterations (inf in Adam's state at iteration 224; RESULTS.md, session 8)
+    defaults = {"sine": {"maml_pp": {"lr": 0.01, "grad_clip": 10.0}, "inner": {"eval_steps": 10}},
                 "fewshot": {"maml_pp": {"lr": 0.1}, "inner": {"eval_steps": 5}}}
 
     def __init__(self, problem: Problem, cfg):
@@ -273,6 +281,7 @@ class MAMLPlusPlus(MAML):
         metrics[f"second_order/{self.name}"] = float(self.second_order_at(iteration))
         metrics[f"msl_last_weight/{self.name}"] = self.weights_at(iteration)[-1]
         if finite(metrics):
+            clamp_grads((p for g in opt.param_groups for p in g["params"]), self.own.grad_clip)
             opt.step()
         return metrics
 
