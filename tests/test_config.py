@@ -28,7 +28,7 @@ def test_bad_values_and_tracks():
         config.load("experiments/sine.yaml", ["model.activation=sigmoid"])
     with pytest.raises(ConfigError, match="unknown track 'sin'.*'sine'"):
         config.from_dict({"track": "sin"})
-    with pytest.raises(ConfigError, match="inner: lr must be > 0"):
+    with pytest.raises(ConfigError, match="'inner.lr' is .*: it must be > 0"):
         config.load("experiments/sine.yaml", ["inner.lr=-1"])
     with pytest.raises(ConfigError, match="--set expects key=value"):
         config.load("experiments/sine.yaml", ["inner.lr"])
@@ -50,7 +50,7 @@ def test_a_partial_section_keeps_the_tracks_own_defaults():
     assert (cfg.inner.steps, cfg.inner.lr, cfg.inner.eval_steps, cfg.inner.task_workers) == (5, 0.4, 3, 0)
     assert config.from_dict({"track": "fewshot", "inner": None}).inner.lr == 0.4
     assert config.from_dict({"track": "sine", "inner": {"steps": 5}}).inner.lr == 0.01
-    with pytest.raises(ConfigError, match="task_workers >= 0"):
+    with pytest.raises(ConfigError, match="'inner.task_workers' is -1: it must be >= 0"):
         config.from_dict({"track": "fewshot", "inner": {"task_workers": -1}})
 
 

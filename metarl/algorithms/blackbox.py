@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import ConfigError, in_range
 from ..tasks.batch import TaskBatch
 from .base import Method, Problem, finite
 from .maml import query_metrics
@@ -103,6 +103,5 @@ class BlackBox(Method):
         return out
 
 def validate_common(section: str, lr: float, embedding: int, hidden: int) -> None:
-    if lr <= 0 or embedding < 1 or hidden < 1:
-        raise ConfigError(f"{section}: lr must be > 0 and embedding, hidden >= 1 (got lr={lr}, embedding={embedding}, "
-                          f"hidden={hidden}); e.g. {section}.lr=0.001")
+    in_range(f"{section}.lr", lr, 0, open_low=True)
+    in_range(f"{section}.embedding", embedding, 1, 100_000), in_range(f"{section}.hidden", hidden, 1, 100_000)

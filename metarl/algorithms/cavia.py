@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..config import ConfigError
+from ..config import ConfigError, in_range
 from ..functional import Params, params_of
 from ..optim import clamp_grads
 from ..registry import algorithm
@@ -68,11 +68,9 @@ class CAVIAConfig:
     """Threads sharing the meta-batch (as ``inner.task_workers``: 0 = one per torch thread; speed only)."""
 
     def validate(self):
-        if self.context_size < 1 or self.lr <= 0 or self.steps < 0 or self.task_workers < 0:
-            raise ConfigError(f"cavia: context_size >= 1, lr > 0, steps and task_workers >= 0 (got {self.context_size}, "
-                              f"{self.lr}, {self.steps}, {self.task_workers})")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"cavia.grad_clip must be > 0 or null, got {self.grad_clip}")
+        in_range("cavia.context_size", self.context_size, 1, 100_000), in_range("cavia.lr", self.lr, 0, open_low=True)
+        in_range("cavia.steps", self.steps, 0, 10_000), in_range("cavia.task_workers", self.task_workers, 0, 1_024)
+        in_range("cavia.grad_clip", self.grad_clip, 0, open_low=True)
         if not self.film_blocks or any(not 0 <= b < 4 for b in self.film_blocks):
             raise ConfigError(f"cavia.film_blocks must list Conv4 blocks in 0..3, e.g. [2], got {self.film_blocks}")
 

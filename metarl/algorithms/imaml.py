@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..adaptation import inner_step
-from ..config import ConfigError, resumable
+from ..config import in_range, resumable
 from ..functional import Params, detached, forward_tasks, params_of, stack
 from ..optim import conjugate_gradient_batched, flat, hvp_fn, unflat
 from ..registry import algorithm
@@ -71,11 +71,10 @@ class IMAMLConfig:
     """λ of the evaluation curve's inner steps (null: lam; 0: plain fine-tuning, as the authors' test script)."""
 
     def validate(self):
-        if self.lam <= 0 or self.lr <= 0 or self.steps < 0 or self.tol < 0 or self.cg_steps < 0 or self.cg_damping < 0:
-            raise ConfigError(f"imaml: lam and lr must be > 0, steps, tol, cg_steps and cg_damping >= 0 (got lam={self.lam}, "
-                              f"lr={self.lr}, steps={self.steps}, tol={self.tol}, cg_steps={self.cg_steps}, cg_damping={self.cg_damping})")
-        if self.eval_lam is not None and self.eval_lam < 0:
-            raise ConfigError(f"imaml.eval_lam must be >= 0 or null, got {self.eval_lam}")
+        in_range("imaml.lam", self.lam, 0, open_low=True), in_range("imaml.lr", self.lr, 0, open_low=True)
+        in_range("imaml.steps", self.steps, 0, 10_000), in_range("imaml.cg_steps", self.cg_steps, 0, 10_000)
+        in_range("imaml.tol", self.tol, 0), in_range("imaml.cg_damping", self.cg_damping, 0)
+        in_range("imaml.eval_lam", self.eval_lam, 0)
 
 
 # ------------------------------------------------------------------------ per-task row vectors

@@ -52,10 +52,10 @@ class InnerConfig:
                 "batched": self.batched, "workers": self.task_workers}
 
     def validate(self):
-        if self.lr <= 0 or self.steps < 0 or self.eval_steps < 0 or self.task_workers < 0:
-            from ..config import ConfigError
-            raise ConfigError(f"inner: lr must be > 0, steps and task_workers >= 0 (got lr={self.lr}, steps={self.steps}, "
-                              f"eval_steps={self.eval_steps}, task_workers={self.task_workers})")
+        from ..config import in_range
+        in_range("inner.lr", self.lr, 0, open_low=True)
+        in_range("inner.steps", self.steps, 0, 10_000), in_range("inner.eval_steps", self.eval_steps, 0, 10_000)
+        in_range("inner.task_workers", self.task_workers, 0, 1_024)
 
 
 def _task_losses(model: nn.Module, loss: PerTaskLoss):
@@ -89,7 +89,7 @@ def query_losses(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatc
 
 
 def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss, *,
-                  workers: int = 1, predictions: Callable = query_predictions, extra: Sequence[Tensor] = (),
+                  workers: int = 1, extra: Sequence[Tensor] = (),
                   objective: Optional[Callable[[TaskBatch], tuple[Tensor, Tensor]]] = None,
                   **inner) -> Tensor:
     """Accumulate ∇θ of MAML's outer objective (the mean query loss over the meta-batch) into the
@@ -101,14 +101,12 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBat
     thread (:func:`metarl.threads.task_pool`), and the shards' gradients are added in shard order,
     so the result does not depend on which thread finishes first. Tasks are independent given θ,
     so this is the same gradient, regrouped: a sum of per-shard sums instead of one sum.
-    ``inner``: steps, lr, first_order, only, batched as in :func:`query_predictions`;
-    ``predictions`` (same signature) replaces it for a method that adapts another way (ANIL's
-    head-only inner loop on features computed once, ``anil.py``); ``extra``: further leaf tensors
+    ``inner``: steps, lr, first_order, only, batched as in :func:`query_predictions`; ``extra``: further leaf tensors
     the outer objective depends on through ``inner`` (learned step sizes passed as ``lr``:
     Meta-SGD's α, Alpha MAML's α), whose ``.grad`` is accumulated too.
 
     ``objective(part) -> (query predictions, per-task outer loss [T])`` replaces MAML's query
-    loss for methods whose outer objective differs (MAML++'s multi-step loss); ``params`` (and
+    loss for methods that adapt or score another way (MAML++'s multi-step loss); ``params`` (and
     ``extra``) then hold every meta-parameter it uses, and ``inner`` is not read."""
     tensors = [p for p in params.values() if p.requires_grad] + [t for t in extra if t.requires_grad]
     n = batch.n_tasks
@@ -118,7 +116,7 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBat
     def shard(bound):
         part = batch.tasks(*bound)
         if objective is None:
-            preds = predictions(model, params, part, loss, **inner)
+            preds = query_predictions(model, params, part, loss, **inner)
             per_task = loss(preds, part.y_query)
         else:
             preds, per_task = objective(part)

@@ -64,7 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adaptation import inner_step
-from ..config import ConfigError
+from ..config import ConfigError, in_range
 from ..functional import forward_tasks, params_of, stack
 from ..optim import clamp_grads
 from ..registry import algorithm
@@ -108,15 +108,13 @@ class MAMLPPConfig:
     """Clamp each meta-gradient element to ±grad_clip before the Adam step (the authors' code does for ImageNet; null: off)."""
 
     def validate(self):
-        if self.steps < 1 or self.lr <= 0:
-            raise ConfigError(f"maml_pp: steps must be >= 1 and lr > 0 (got steps={self.steps}, lr={self.lr}): e.g. --set maml_pp.steps=5")
+        in_range("maml_pp.steps", self.steps, 1, 10_000), in_range("maml_pp.lr", self.lr, 0, open_low=True)
         if self.epoch_length < 1 or self.epochs < 1 or self.msl_epochs < 0 or self.first_order_epochs < 0:
             raise ConfigError("maml_pp: epoch_length and epochs must be >= 1, msl_epochs and first_order_epochs >= 0: "
                               "e.g. --set maml_pp.epoch_length=500")
         if not 0 <= self.msl_floor <= 1:
             raise ConfigError(f"maml_pp.msl_floor must be in [0, 1] (units of 1/K), got {self.msl_floor}: the paper's code uses 0.03")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"maml_pp.grad_clip must be > 0 or null, got {self.grad_clip}")
+        in_range("maml_pp.grad_clip", self.grad_clip, 0, open_low=True)
         if self.min_lr < 0:
             raise ConfigError(f"maml_pp.min_lr must be >= 0, got {self.min_lr}: the paper uses 1e-5")
 

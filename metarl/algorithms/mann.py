@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from metarl.policies.embedding import ImageEmbedding
 
-from ..config import ConfigError
+from ..config import in_range
 from ..registry import algorithm
 from .blackbox import BlackBox, validate_common
 
@@ -78,8 +78,7 @@ class MANNConfig:
 
     def validate(self):
         validate_common("mann", self.lr, self.embedding, self.hidden)
-        if self.lstm < 1 or self.support_loss < 0:
-            raise ConfigError(f"mann: lstm must be >= 1 and support_loss >= 0 (got {self.lstm}, {self.support_loss}); e.g. mann.lstm=200")
+        in_range("mann.lstm", self.lstm, 1, 100_000), in_range("mann.support_loss", self.support_loss, 0)
 
 
 @algorithm("mann")

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ..adaptation import inner_step
-from ..config import ConfigError, resumable
+from ..config import ConfigError, in_range, resumable
 from ..functional import Params, forward_tasks, params_of, stack
 from ..registry import algorithm
 from ..tasks.batch import TaskBatch
@@ -87,7 +87,8 @@ class ReptileConfig:
     training RNG streams)."""
 
     def validate(self):
-        if self.lr <= 0 or self.steps < 0 or not (0 <= self.beta1 < 1) or not (0 <= self.beta2 < 1) or self.eps < 0:
+        in_range("reptile.steps", self.steps, 0, 10_000)
+        if self.lr <= 0 or not (0 <= self.beta1 < 1) or not (0 <= self.beta2 < 1) or self.eps < 0:
             raise ConfigError(f"reptile: need lr > 0, steps >= 0, 0 <= beta1, beta2 < 1, eps >= 0 "
                               f"(got lr={self.lr}, steps={self.steps}, beta1={self.beta1}, beta2={self.beta2}, eps={self.eps})")
         for key in ("batch_size", "eval_batch_size", "anneal_over"):
