@@ -234,7 +234,7 @@ def _csv(run_dir):
     return {h: np.array([float(r.split(",")[i]) for r in rows[1:]]) for i, h in enumerate(head)}
 
 
-@pytest.mark.parametrize("extra", [{}, {"algorithm": "maml", "outer": {"optimizer": "ppo", "epochs": 3, "minibatches": 2}}],
+@pytest.mark.parametrize("extra", [{}, {"algorithm": "maml", "outer": {"optimizer": "ppo", "epochs": 3, "minibatches": 3}}],
                          ids=["promp", "maml-ppo"])
 def test_train_resume_is_bitwise_and_evaluate_writes_the_contract(tmp_path, extra):
     """Two iterations straight vs one then --resume: same θ, same Adam state, same η (ProMP's extra
@@ -251,7 +251,7 @@ def test_train_resume_is_bitwise_and_evaluate_writes_the_contract(tmp_path, extr
     _same_state(full, resumed)
     assert name in full.optimizers
     adam_steps = {int(st["step"]) for st in full.optimizers[name].state_dict()["state"].values()}
-    per_iteration = 5 if name == "promp" else 3 * 2  # outer.epochs x outer.minibatches
+    per_iteration = 5 if name == "promp" else 3 * 3  # outer.epochs x outer.minibatches (4 tasks in 3 groups)
     assert adam_steps == {3 * per_iteration}
     m = _csv(tmp_path / "full")
     assert np.isfinite(m["loss/surrogate"]).all() and np.isfinite(m["ppo/loss_after"]).all()

@@ -107,7 +107,7 @@ def ppo_outer_step(policy, theta: Params, optimizer: torch.optim.Optimizer, trai
         loss_before = every(theta)[0].item()
     for _ in range(outer.epochs):
         order = torch.randperm(n_tasks, generator=gen) if outer.minibatches > 1 else torch.arange(n_tasks)
-        for idx in order.chunk(outer.minibatches):
+        for idx in torch.tensor_split(order, outer.minibatches):  # exactly minibatches groups, sizes within one
             loss = on(idx)(theta)[0]
             if not torch.isfinite(loss):
                 with torch.no_grad():
