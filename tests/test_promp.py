@@ -295,3 +295,26 @@ def test_bad_ppo_settings_fail_in_one_line():
     from metarl.tracks.rl import RLTrack
     with pytest.raises(config.ConfigError, match="set outer.optimizer=ppo"):
         RLTrack(nav_cfg(outer={"optimizer": "trpo"}))
+
+
+@float64
+def test_a_non_finite_epoch_restores_theta_and_adam():
+    """An absurd Adam step (lr 1e200) makes the second epoch's loss non-finite: θ and Adam's state
+    return to where the outer step began, and the reported loss is non-finite (the training loop
+    then stops on its last checkpoint)."""
+    from metarl.algorithms.ppo import ppo_outer_step
+    from metarl.algorithms.trpo import RLOuterConfig
+
+    policy = _policy()
+    theta = F.params_of(policy)
+    adam = torch.optim.Adam(policy.parameters(), lr=1e200)  # θ ~ 1e200 after one step: the KL penalty overflows
+    gen = torch.Generator().manual_seed(0)
+    train = [_bandit_batch(policy, F.stack(F.detached(theta), 3), 3, 5, gen)]
+    with torch.no_grad():
+        phi_old = adapt_on(policy, F.stack(F.detached(theta), 3), train, ALPHA)
+    valid, valid_adv = _bandit_batch(policy, phi_old, 3, 5, gen)
+    before = {k: v.detach().clone() for k, v in theta.items()}
+    info = ppo_outer_step(policy, theta, adam, train, valid, valid_adv, RLInnerConfig(lr=ALPHA), RLOuterConfig(epochs=3),
+                          estimator="lvc", kl_coeffs=torch.ones(1))
+    assert math.isfinite(info["loss_before"]) and not math.isfinite(info["loss_after"])
+    assert all(torch.equal(theta[k], before[k]) for k in theta) and adam.state_dict()["state"] == {}
