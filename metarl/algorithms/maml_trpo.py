@@ -22,8 +22,8 @@ same REINFORCE inner step and the same fixed D_i.
 
 Homes: steps 1-3 and the outer objective are the shared meta-RL data path
 (:mod:`metarl.algorithms.meta_rl`), step 4's rule is :mod:`metarl.algorithms.trpo` (or
-:mod:`metarl.algorithms.ppo`); this module
-composes them into one meta-iteration and the ``algorithm: maml`` method of the RL track.
+:mod:`metarl.algorithms.ppo`); this module composes them into one meta-iteration and the
+``algorithm: maml`` method of the RL track.
 """
 from __future__ import annotations
 
