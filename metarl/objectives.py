@@ -113,3 +113,19 @@ def gaussian_kl(mean_p: Tensor, log_std_p: Tensor, mean_q: Tensor, log_std_q: Te
     maha = (mean_p - mean_q).pow(2) * torch.exp(-2.0 * log_std_q)
     per_step = (0.5 * (var_ratio + maha - 1.0) - (log_std_p - log_std_q)).sum(-1)
     return masked_mean(per_step, mask, reduction)
+
+
+def clipped_surrogate_loss(new_log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask: Tensor,
+                           clip: float, reduction: str = "episode") -> Tensor:
+    """PPO's clipped surrogate, −mean(min(r·A, clip(r, 1−ε, 1+ε)·A)) with r = π_θ(a|s) / π_old(a|s)
+    (Schulman et al. 2017, eq. 7; ProMP's J^CLIP, Rothfuss et al. 2019): [..., Tmax, B] → [...].
+
+    The minimum removes the incentive to move r outside [1−ε, 1+ε]: once a step's ratio has moved
+    past the bound in the direction its advantage favours, its gradient is zero. At r = 1 it equals
+    :func:`surrogate_loss` in value and gradient. ``old_log_probs`` and advantages are data
+    (detached here); same normalisation as :func:`reinforce_loss`.
+    """
+    ratio = torch.exp(new_log_probs - old_log_probs.detach())
+    adv = advantages.detach()
+    clipped = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
+    return -masked_mean(clipped, mask.detach(), reduction)

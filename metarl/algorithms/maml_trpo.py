@@ -1,4 +1,4 @@
-"""MAML for reinforcement learning: REINFORCE inside, TRPO (or vanilla PG) outside.
+"""MAML for reinforcement learning: REINFORCE inside, TRPO (or vanilla PG, or PPO) outside.
 
 Finn et al. 2017, sec. 5.3 and Algorithm 3. For a meta-batch of tasks:
 1. collect episodes D_i under θ; fit the linear baseline, compute advantages;
@@ -13,11 +13,17 @@ Finn et al. 2017, sec. 5.3 and Algorithm 3. For a meta-batch of tasks:
 
 The pre-update episodes D_i are fixed data in the outer objective: the meta-gradient leaves out
 the term that comes from θ generating D_i (the score-function term of the sampling distribution),
-as the MAML paper's code did. ProMP (Rothfuss et al. 2019) and DiCE-style estimators include it.
+as the MAML paper's code did. ProMP (Rothfuss et al. 2019; ``algorithm: promp``,
+:mod:`metarl.algorithms.promp`) includes it through its LVC inner loss.
+
+``outer.optimizer: ppo`` (MAML-PPO) replaces step 4 by several Adam passes over PPO's clipped
+surrogate of π_{φ_i(θ)} on D'_i (:mod:`metarl.algorithms.ppo`, the rule ProMP uses), with the
+same REINFORCE inner step and the same fixed D_i.
 
 Homes: steps 1-3 and the outer objective are the shared meta-RL data path
-(:mod:`metarl.algorithms.meta_rl`), step 4's rule is :mod:`metarl.algorithms.trpo`; this module
-composes them into one meta-iteration and the ``algorithm: maml`` method of the RL track.
+(:mod:`metarl.algorithms.meta_rl`), step 4's rule is :mod:`metarl.algorithms.trpo` (or
+:mod:`metarl.algorithms.ppo`); this module composes them into one meta-iteration and the
+``algorithm: maml`` method of the RL track.
 """
 from __future__ import annotations
 
@@ -30,12 +36,15 @@ from ..registry import algorithm
 from ..threads import torch_threads
 from .base import Method
 from .meta_rl import AdvantageConfig, RLInnerConfig, collect_adapted, outer_objective
+from .ppo import ppo_outer_step
 from .trpo import RLOuterConfig, trpo_outer_step
 
 
 def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: AdvantageConfig, outer: RLOuterConfig,
-                seed: int, optimizer=None) -> dict[str, float]:
-    """One meta-iteration: sample, adapt, sample again, outer step on θ. Returns diagnostics."""
+                seed: int, optimizer=None, estimator: str = "reinforce", kl_coeffs=None) -> dict[str, float]:
+    """One meta-iteration: sample, adapt, sample again, outer step on θ. Returns diagnostics.
+    ``estimator`` and ``kl_coeffs`` reach the PPO outer step only (ProMP's LVC inner loss and
+    penalty; :func:`metarl.algorithms.ppo.ppo_outer_step`); the sampling path is the same for all."""
     theta = {k: p for k, p in policy.named_parameters()}
     data, phi_old, timing = collect_adapted(policy, collector, theta, tasks, inner.episodes, adv_cfg, inner.steps, inner.lr,
                                             seed, timesteps=inner.timesteps)
@@ -48,6 +57,12 @@ def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: Advanta
             info = trpo_outer_step(policy, theta, train, valid, valid_adv, phi_old, inner, outer, seed, adv_cfg.reduction)
         metrics.update({"trpo/kl": info["kl"], "trpo/accepted": float(info["accepted"]),
                         "trpo/step_fraction": info["step_fraction"], "loss/surrogate": info["loss_before"]})
+    elif outer.optimizer == "ppo":
+        info = ppo_outer_step(policy, theta, optimizer, train, valid, valid_adv, inner, outer, seed, adv_cfg.reduction,
+                              estimator, kl_coeffs)
+        metrics.update({"loss/surrogate": info["loss_before"], "ppo/loss_after": info["loss_after"],
+                        "ppo/clip_fraction": info["clip_fraction"]})
+        metrics.update({f"ppo/inner_kl{k}": kl for k, kl in enumerate(info["inner_kl"])})
     else:
         surrogate, _, _ = outer_objective(policy, train, valid, valid_adv, phi_old, inner, adv_cfg.reduction)
         loss = surrogate(theta)
@@ -66,7 +81,7 @@ def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: Advanta
 @algorithm("maml", kinds=("rl",))
 class MAMLTRPO(Method):
     """MAML-TRPO (Finn et al. 2017, Algorithm 3) as the RL track's ``algorithm: maml``: owns the
-    Gaussian MLP policy θ (and Adam when ``outer.optimizer`` is vpg); one meta-iteration is
+    Gaussian MLP policy θ (and Adam when ``outer.optimizer`` is vpg or ppo); one meta-iteration is
     :func:`meta_update`. The pre-update episodes D_i are held fixed in the outer objective, so the
     meta-gradient omits the term from θ's influence on sampling D_i, as the paper's code did
     (ProMP, Rothfuss et al. 2019, restores it)."""
@@ -76,7 +91,7 @@ class MAMLTRPO(Method):
         super().__init__(track, cfg)
         self.policy = track._new_policy()
         self.modules[self.name] = self.policy
-        if cfg.outer.optimizer == "vpg":
+        if cfg.outer.optimizer in ("vpg", "ppo"):
             self.optimizers[self.name] = torch.optim.Adam(self.policy.parameters(), lr=cfg.outer.lr)
         self.collector = track.collector
 

@@ -4,10 +4,10 @@ For a meta-batch of tasks: collect episodes D_i under θ (the collector), fit th
 and compute advantages (:func:`advantages`), take the REINFORCE inner step φ_i = θ − α ∇_θ
 L_REINFORCE(θ; D_i) (:func:`inner_loss` with :func:`metarl.adaptation.inner_step`), collect
 again under φ_i (:func:`collect_adapted`); :func:`outer_objective` turns the fixed data into
-closures of θ for an outer rule (TRPO in :mod:`metarl.algorithms.trpo`, Adam for vpg, ProMP
-later). The same path gives the evaluation curves and the validation step-size search
-(:func:`select_step_sizes`). Sampling belongs to the collector, the inner step to
-:mod:`metarl.adaptation`; this module only composes them.
+closures of θ for an outer rule (TRPO in :mod:`metarl.algorithms.trpo`, Adam for vpg, PPO
+epochs in :mod:`metarl.algorithms.ppo`, used by MAML-PPO and ProMP). The same path gives the
+evaluation curves and the validation step-size search (:func:`select_step_sizes`). Sampling
+belongs to the collector, the inner step to :mod:`metarl.adaptation`; this module only composes them.
 """
 from __future__ import annotations
 
@@ -116,18 +116,39 @@ def advantages(episodes, cfg: AdvantageConfig) -> Tensor:
     return normalize_advantages(adv, episodes.mask, reduction=cfg.reduction) if cfg.normalize else adv
 
 
-def inner_loss(policy, episodes, adv: Tensor, reduction: str = "episode"):
-    """REINFORCE loss of stacked per-task params on fixed episodes, summed over tasks."""
+ESTIMATORS = ("reinforce", "lvc")
+
+
+def inner_loss(policy, episodes, adv: Tensor, reduction: str = "episode", estimator: str = "reinforce"):
+    """The inner loss of stacked per-task params on fixed episodes, summed over tasks.
+
+    ``reinforce``: −mean(log π_θ(a|s) · A), MAML's (Finn et al. 2017). ``lvc``: ProMP's
+    low-variance curvature (LVC) surrogate −mean(π_θ(a|s) / π_θo(a|s) · A) (Rothfuss et al.
+    2019), π_θo the policy that sampled the episodes (``episodes.log_probs``, a constant). At
+    θ = θo both have the same value and gradient, so the inner step φ is the same; their Hessians
+    differ: LVC's, Σ_t (∇²log π + ∇log π ∇log πᵀ) A_t, adds the per-step outer product, which
+    carries (in expectation, to first order in the step size) the part of the meta-gradient that
+    comes from θ sampling the pre-update episodes, the part MAML's fixed-data estimator omits.
+    It is exact for one-step episodes; for longer ones it drops the cross-time products (the "low
+    variance" of its name: a small bias for much less variance than DiCE). Away from θo
+    (ProMP's later outer epochs) LVC's gradient is importance-weighted by the ratio, REINFORCE's is not."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown inner estimator '{estimator}': choose one of {ESTIMATORS}")
+
     def loss(params: Params) -> Tensor:
         mean, log_std = policy.forward_tasks(params, episodes.obs)
-        return reinforce_loss(log_prob(mean, log_std, episodes.actions), adv, episodes.mask, reduction).sum()
+        lp = log_prob(mean, log_std, episodes.actions)
+        if estimator == "lvc":
+            return surrogate_loss(lp, episodes.log_probs, adv, episodes.mask, reduction).sum()
+        return reinforce_loss(lp, adv, episodes.mask, reduction).sum()
     return loss
 
 
-def adapt_on(policy, params: Params, batches, lr, first_order: bool = False, reduction: str = "episode") -> Params:
+def adapt_on(policy, params: Params, batches, lr, first_order: bool = False, reduction: str = "episode",
+             estimator: str = "reinforce") -> Params:
     """Replay the inner steps on already-collected (episodes, advantages) pairs."""
     for eps, adv in batches:
-        params = inner_step(inner_loss(policy, eps, adv, reduction), params, lr, first_order=first_order)
+        params = inner_step(inner_loss(policy, eps, adv, reduction, estimator), params, lr, first_order=first_order)
     return params
 
 

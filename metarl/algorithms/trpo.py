@@ -26,8 +26,9 @@ from ..fisher import MAMLLinearization, fast_fisher_supported
 
 @dataclass
 class RLOuterConfig:
-    optimizer: Literal["trpo", "vpg"] = "trpo"
-    """Outer rule: TRPO (the paper) or vanilla policy gradient with Adam (``lr``)."""
+    optimizer: Literal["trpo", "vpg", "ppo"] = "trpo"
+    """Outer rule: TRPO (the paper), vanilla policy gradient with Adam (``lr``), or PPO: ``epochs``
+    Adam passes (``lr``) over the clipped surrogate (``clip``) per meta-batch (metarl/algorithms/ppo.py)."""
     max_kl: float = 0.01
     """TRPO's trust region: the largest mean KL between the adapted policies before and after the step."""
     cg_iters: int = 10
@@ -39,7 +40,14 @@ class RLOuterConfig:
     ls_steps: int = 15
     """Line-search trials before the step is rejected."""
     lr: float = 1e-3
-    """Adam step size when optimizer is vpg."""
+    """Adam step size when optimizer is vpg or ppo (ProMP's learning_rate: 1e-3)."""
+    clip: float = 0.3
+    """PPO's clip range ε of the likelihood ratio (ProMP's clip_eps: 0.3 in its released configs)."""
+    epochs: int = 5
+    """PPO: passes over the meta-batch per iteration without re-sampling (ProMP's num_promp_steps: 5)."""
+    minibatches: int = 1
+    """PPO: each pass splits the meta-batch's tasks into this many minibatches, one Adam step each
+    (1 = one step per pass on all tasks, as ProMP's released code does)."""
     fisher: Literal["autograd", "closed_form"] = "closed_form"
     """TRPO's gradient and Fisher-vector products: "autograd" differentiates the closures (double
     backpropagation through the KL); "closed_form" computes the same values for a GaussianMLPPolicy
@@ -71,6 +79,9 @@ class RLOuterConfig:
         in_range("outer.ls_ratio", self.ls_ratio, 0, 1, open_low=True, open_high=True)
         in_range("outer.ls_steps", self.ls_steps, 1, 1_000)
         in_range("outer.lr", self.lr, 0, open_low=True)
+        in_range("outer.clip", self.clip, 0, 1, open_low=True, open_high=True)
+        in_range("outer.epochs", self.epochs, 1, 10_000)
+        in_range("outer.minibatches", self.minibatches, 1, 100_000)
         in_range("outer.threads", self.threads, 0, 1_024)
         in_range("outer.fvp_subsample", self.fvp_subsample, 0, 1, open_low=True)
 

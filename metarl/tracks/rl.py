@@ -91,7 +91,7 @@ class RLConfig(RunConfig):
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
     """Returns, baseline and advantages."""
     outer: RLOuterConfig = field(default_factory=RLOuterConfig)
-    """The outer rule (TRPO or vanilla PG)."""
+    """The outer rule (TRPO, vanilla PG or PPO)."""
     sampler: SamplerConfig = resumable(why="speed only", default_factory=SamplerConfig)
     """The rollout collector."""
     baselines: list[Literal["random"]] = field(default_factory=lambda: ["random"])
@@ -133,6 +133,9 @@ class RLConfig(RunConfig):
                 check_step_grid(self.inner.eval_lr_grid)
             except ValueError as e:
                 raise ConfigError(f"inner.eval_lr_grid: {e}") from None
+        if self.outer.optimizer == "ppo" and self.outer.minibatches > self.meta_batch:
+            raise ConfigError(f"outer.minibatches ({self.outer.minibatches}) splits the meta-batch's tasks: it must be "
+                              f"<= meta_batch ({self.meta_batch})")
         if self.eval.validation_tasks < 1:
             raise ConfigError(f"eval.validation_tasks must be >= 1, got {self.eval.validation_tasks}")
         if self.inner.eval_protocol == "rllab" and self.inner.eval_timesteps is None:
