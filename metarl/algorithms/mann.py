@@ -1,9 +1,15 @@
 """MANN-style recurrent black box: an LSTM over (embedding, previous label) pairs (Santoro, Bartunov,
 Botvinick, Wierstra & Lillicrap 2016, "Meta-Learning with Memory-Augmented Neural Networks", ICML).
 
-What is implemented: the paper's *LSTM baseline* learner under its task protocol (sec. 3, fig. 1a),
-not the external memory with least-recently-used access (LRUA, sec. 3.2); ``mann`` is the simplest
-member of the family, the one the paper compares its memory against. At time t the controller
+Two learners under the paper's task protocol (sec. 3, fig. 1a), chosen by ``mann.memory``:
+
+- ``lrua`` (default): the memory-augmented network itself, an LSTM controller with an external
+  memory written and read by least-recently-used access (sec. 3.2, :func:`lrua_step`): content
+  reads by cosine similarity, writes to the previously read slot or the least-used one (a learned
+  gate), usage decaying by γ, the least-used slot cleared before each write;
+- ``none``: the paper's *LSTM baseline*, the controller alone (the state must hold everything).
+
+At time t the controller
 reads the input x_t together with the label of the *previous* example, y_{t−1} (one-hot; zeros at
 t = 0), and predicts y_t; the label of x_t arrives only with the next input, so the network must
 bind labels to examples in its state. Differences, for our episode shape: x_t is the image's
@@ -20,6 +26,7 @@ support examples per class seen (``blackbox.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +39,22 @@ from ..registry import algorithm
 from .blackbox import BlackBox, validate_common
 
 
+def label_inputs(y_support: Tensor, n_way: int, delay: bool, dtype) -> Tensor:
+    """The label channel of the input sequence, [T, S + 1, N]: row t < S goes with support example
+    t, row S with every query. ``delay`` (Santoro et al.): row t holds y_{t−1} (zeros at t = 0), so
+    the queries receive the last support label; otherwise row t holds y_t with its own image and
+    the queries zeros (SNAIL's protocol, Mishra et al. 2018 sec. 3)."""
+    onehot = F.one_hot(y_support, n_way).to(dtype)
+    zero = onehot.new_zeros(onehot.shape[0], 1, n_way)
+    return torch.cat([zero, onehot] if delay else [onehot, zero], dim=1)
+
+
 class LSTMLearner(nn.Module):
     """Embedding → LSTM over (x_t, y_{t−1}) → linear to N logits."""
 
-    def __init__(self, n_way: int, embedding: nn.Module, hidden: int):
+    def __init__(self, n_way: int, embedding: nn.Module, hidden: int, label_delay: bool = True):
         super().__init__()
-        self.n_way = n_way
+        self.n_way, self.label_delay = n_way, label_delay
         self.embed = embedding
         self.lstm = nn.LSTM(embedding.out_dim + n_way, hidden, batch_first=True)
         self.out = nn.Linear(hidden, n_way)
@@ -46,8 +63,7 @@ class LSTMLearner(nn.Module):
         t, s, q = x_support.shape[0], x_support.shape[1], x_query.shape[1]
         emb = self.embed(torch.cat([x_support, x_query], dim=1))
         es, eq = emb[:, :s], emb[:, s:]
-        onehot = F.one_hot(y_support, self.n_way).to(emb.dtype)
-        previous = torch.cat([onehot.new_zeros(t, 1, self.n_way), onehot], dim=1)  # y_{t-1}; the last is for the queries
+        previous = label_inputs(y_support, self.n_way, self.label_delay, emb.dtype)
         support_logits, state = None, None
         if s > 0:
             h, state = self.lstm(torch.cat([es, previous[:, :s]], dim=-1))
@@ -59,9 +75,87 @@ class LSTMLearner(nn.Module):
         return self.out(h[:, 0]).reshape(t, q, self.n_way), support_logits
 
 
+def lrua_step(memory: Tensor, read_prev: Tensor, usage_prev: Tensor, least_prev: Tensor, key: Tensor, gate: Tensor,
+              gamma: float, strength: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One least-recently-used-access step (Santoro et al. 2016, sec. 3.2, eqs. 4-8), batched over
+    tasks: memory [T, slots, width]; previous read / usage / least-used weights [T, slots]; the
+    controller's key [T, width], write-gate logit [T, 1] and key strength β [T, 1] (or 1). Returns (memory, read weights, usage,
+    least-used weights, read vector).
+
+    w^w = σ(α) w^r_{t−1} + (1 − σ(α)) w^lu_{t−1}   (write to the slot just read, or to the least used)
+    M_t = M_{t−1} ⊙ (1 − w^lu_{t−1}) + w^w ⊗ k_t  (the least-used slot is cleared first)
+    w^r = softmax_i β cos(k_t, M_t(i)),  r_t = Σ_i w^r(i) M_t(i)   (Santoro et al.: β = 1)
+    w^u = γ w^u_{t−1} + w^r + w^w,  w^lu = one-hot of the least-used slot (one read head; ties go
+    to the first slot, so an empty memory fills slot by slot)."""
+    sigma = torch.sigmoid(gate)
+    write = sigma * read_prev + (1 - sigma) * least_prev
+    memory = memory * (1 - least_prev).unsqueeze(-1) + write.unsqueeze(-1) * key.unsqueeze(1)
+    cos = torch.einsum("tw,tsw->ts", key, memory) / (key.norm(dim=-1, keepdim=True) * memory.norm(dim=-1) + 1e-8)
+    read = torch.softmax(strength * cos, dim=-1)
+    usage = gamma * usage_prev + read + write
+    least = F.one_hot(usage.argmin(-1), usage.shape[-1]).to(usage.dtype)
+    return memory, read, usage, least, torch.einsum("ts,tsw->tw", read, memory)
+
+
+class MemoryLearner(nn.Module):
+    """Embedding → LSTM controller over (x_t, y_{t−1}, r_{t−1}) with an LRUA memory → linear on
+    [h_t, r_t] to N logits (Santoro et al. 2016, fig. 2 and sec. 3.2). The key is tanh(W_k h_t), the
+    write gate α = W_α h_t; every query continues the episode's state after the support set.
+
+    One addition to the paper's read: a key strength β = 1 + softplus(W_β h_t), the sharpening of
+    the Neural Turing Machine's content addressing (Graves et al. 2014, eq. 5) that Santoro et al.
+    leave out. With β = 1 a softmax over cosines in [−1, 1] across 128 slots is nearly uniform, so
+    a read returns the mean of the memory; ``mann.key_strength: false`` restores β = 1."""
+
+    def __init__(self, n_way: int, embedding: nn.Module, hidden: int, slots: int, width: int, gamma: float,
+                 label_delay: bool = True, key_strength: bool = True):
+        super().__init__()
+        self.n_way, self.slots, self.width, self.gamma, self.label_delay = n_way, slots, width, gamma, label_delay
+        self.embed = embedding
+        self.cell = nn.LSTMCell(embedding.out_dim + n_way + width, hidden)
+        self.key = nn.Linear(hidden, width)
+        self.gate = nn.Linear(hidden, 1)
+        self.strength = nn.Linear(hidden, 1) if key_strength else None
+        self.out = nn.Linear(hidden + width, n_way)
+
+    def initial(self, t: int, like: Tensor):
+        z = like.new_zeros
+        memory = like.new_full((t, self.slots, self.width), 1e-6)  # near-empty: cosine similarity stays defined
+        least = F.one_hot(torch.zeros(t, dtype=torch.long, device=like.device), self.slots).to(like.dtype)
+        return (z(t, self.cell.hidden_size), z(t, self.cell.hidden_size)), memory, z(t, self.slots), z(t, self.slots), least, z(t, self.width)
+
+    def step(self, x: Tensor, state):
+        (h, c), memory, read_w, usage, least, r = state
+        h, c = self.cell(torch.cat([x, r], dim=-1), (h, c))
+        beta = 1.0 if self.strength is None else 1 + F.softplus(self.strength(h))
+        memory, read_w, usage, least, r = lrua_step(memory, read_w, usage, least, torch.tanh(self.key(h)), self.gate(h),
+                                                    self.gamma, beta)
+        return self.out(torch.cat([h, r], dim=-1)), ((h, c), memory, read_w, usage, least, r)
+
+    def forward(self, x_support: Tensor, y_support: Tensor, x_query: Tensor):
+        t, s, q = x_support.shape[0], x_support.shape[1], x_query.shape[1]
+        emb = self.embed(torch.cat([x_support, x_query], dim=1))
+        es, eq = emb[:, :s], emb[:, s:]
+        previous = label_inputs(y_support, self.n_way, self.label_delay, emb.dtype)
+        state, support_logits = self.initial(t, emb), []
+        for i in range(s):
+            logits, state = self.step(torch.cat([es[:, i], previous[:, i]], dim=-1), state)
+            support_logits.append(logits)
+        state = _nested(lambda z: z.repeat_interleave(q, dim=0), state)  # one copy of the episode's state per query
+        query_in = torch.cat([eq, previous[:, s:].expand(t, q, self.n_way)], dim=-1).reshape(t * q, -1)
+        logits, _ = self.step(query_in, state)
+        return logits.reshape(t, q, self.n_way), (torch.stack(support_logits, 1) if s else None)
+
+
+def _nested(fn, tree):
+    return tuple(_nested(fn, z) for z in tree) if isinstance(tree, tuple) else fn(tree)
+
+
 @dataclass
 class MANNConfig:
     """The recurrent black box's settings (config section ``mann``)."""
+    memory: Literal["lrua", "none"] = "lrua"
+    """The learner: "lrua", the memory-augmented network (sec. 3.2); "none", the paper's LSTM baseline."""
     lr: float = 0.001
     """Adam step size of the whole learner (embedding included)."""
     embedding: int = 64
@@ -69,25 +163,40 @@ class MANNConfig:
     hidden: int = 64
     """Filters of the embedding's four conv blocks."""
     lstm: int = 200
-    """LSTM units (Santoro et al.'s LSTM controller: 200)."""
+    """LSTM (controller) units (Santoro et al.'s controller: 200)."""
+    slots: int = 128
+    """Memory slots (Santoro et al.'s Omniglot runs: 128)."""
+    width: int = 40
+    """Width of a memory slot, the key size (Santoro et al.: 40)."""
+    gamma: float = 0.95
+    """Usage decay γ of the least-recently-used access."""
     support_loss: float = 1.0
     """Weight of the cross-entropy of the predictions at the support positions (Santoro et al.
     train on every time step); 0: the query loss alone."""
+    key_strength: bool = True
+    """A learned sharpening β of the content read (the NTM's; Santoro et al. use β = 1): see MemoryLearner."""
+    label_delay: bool = False
+    """Santoro et al.'s offset: x_t arrives with y_{t−1}; false: each support image with its own label, queries with none (SNAIL's)."""
     shuffle_support: bool = True
     """Show each training episode's support examples in a fresh random order (evaluation: shot-major)."""
 
     def validate(self):
         validate_common("mann", self.lr, self.embedding, self.hidden)
         in_range("mann.lstm", self.lstm, 1, 100_000), in_range("mann.support_loss", self.support_loss, 0)
+        in_range("mann.slots", self.slots, 1, 100_000), in_range("mann.width", self.width, 1, 100_000)
+        in_range("mann.gamma", self.gamma, 0, 1)
 
 
 @algorithm("mann")
 class MANN(BlackBox):
-    """LSTM black box under Santoro et al.'s protocol: see the module docstring."""
+    """Santoro et al.'s memory-augmented network (or its LSTM baseline): see the module docstring."""
     Config = MANNConfig
     defaults = {"fewshot": {"baselines": [], "eval": {"steps": 20}}}
     """As SNAIL's: no pretrain baseline by default; evaluation reveals the whole support set."""
 
     def build(self, in_channels: int, image_size: int) -> nn.Module:
         c = self.own
-        return LSTMLearner(self.n_way, ImageEmbedding(in_channels, image_size, hidden=c.hidden, out_dim=c.embedding), c.lstm)
+        embedding = ImageEmbedding(in_channels, image_size, hidden=c.hidden, out_dim=c.embedding)
+        if c.memory == "none":
+            return LSTMLearner(self.n_way, embedding, c.lstm, c.label_delay)
+        return MemoryLearner(self.n_way, embedding, c.lstm, c.slots, c.width, c.gamma, c.label_delay, c.key_strength)
