@@ -1,0 +1,290 @@
+"""Meta-batch sharding over torchrun ranks (metarl/distributed.py): 2 ranks, launched by the tests
+themselves on gloo (CPU), against the same computation in one process.
+
+References: the single-process run of the same config in this process (the union of the ranks'
+tasks is its meta-batch), in float64 so that equality is to rounding (tolerances 1e-10). A
+check that the ranks agree with each other alone could pass with both wrong; each one is
+compared with one process. The resume and dead-rank tests run the real CLI under torchrun.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from metarl import config, distributed
+from metarl.training import make_track, seed_everything
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank: int, size: int, port: int) -> dict:
+    return {"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60"}
+
+
+def _rank_main(rank, size, port, out, cases):
+    os.environ.update(_env(rank, size, port))
+    torch.set_num_threads(1)
+    distributed.init_from_env()
+    try:
+        results = {key: globals()[fn](**kwargs) for key, (fn, kwargs) in cases.items()}
+    finally:
+        distributed.shutdown()
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+def _on_ranks(out: Path, cases: dict, size: int = 2) -> list[dict]:
+    """Each case ``key: (function name, kwargs)`` run in turn on ``size`` ranks (spawned
+    processes in one gloo group, started once: a start costs seconds); per rank, key → result."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, size, port, str(out), cases)) for r in range(size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(size)]
+
+
+SUPERVISED = [("sine", "maml"), ("omniglot", "maml"), ("sine", "meta_sgd")]
+FISHER = ["closed_form", "autograd"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, cache):
+    """Every 2-rank case of this file, computed by one pair of spawned ranks."""
+    cases = {f"{kind}-{alg}": ("_supervised_case", {"kind": kind, "algorithm": alg}) for kind, alg in SUPERVISED}
+    cases.update({f"trpo-{f}": ("_rl_case", {"outer": {"fisher": f, "cg_damping": 0.1}}) for f in FISHER})
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.chdir(ROOT)
+        mp_.setenv("METARL_CACHE", cache)  # the spawned ranks inherit it
+        make_track(_supervised_cfg("omniglot", "maml"))  # builds the Omniglot cache once, before the ranks read it
+        return _on_ranks(tmp_path_factory.mktemp("ranks"), cases)
+
+
+class _Float64Tasks:
+    """The track's task distribution with float64 batches (the tests compare in float64)."""
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+
+    def sample(self, n, rng):
+        return self.tasks.sample(n, rng).to(torch.float64)
+
+
+def _supervised_cfg(kind: str, algorithm: str):
+    if kind == "sine":
+        return config.from_dict({"track": "sine", "algorithm": algorithm, "meta_batch": 5, "baselines": [],
+                                 "inner": {"lr": 0.01, "steps": 2}})
+    return config.load("experiments/omniglot_5w1s.yaml", [f"algorithm={algorithm}", "meta_batch=3", "episode.n_way=3",
+                                                         "model.hidden=4", "baselines=[]", "inner.task_workers=1",
+                                                         "inner.steps=2"])
+
+
+def _supervised_case(kind: str, algorithm: str = "maml", iterations: int = 3):
+    """(reduced meta-gradient of iteration 0, parameters after ``iterations``, metrics of each)."""
+    torch.set_default_dtype(torch.float64)
+    cfg = _supervised_cfg(kind, algorithm)
+    rng = seed_everything(cfg.seed)
+    track = make_track(cfg)
+    track.train_tasks = _Float64Tasks(track.train_tasks)
+    params = {f"{k}.{n}": p for k, m in track.method.modules.items() for n, p in m.named_parameters()}
+    grads, metrics = None, []
+    for it in range(iterations):
+        metrics.append(track.train_step(it, rng))
+        if it == 0:
+            grads = {k: p.grad.detach().clone() for k, p in params.items() if p.grad is not None}
+    return grads, {k: p.detach().clone() for k, p in params.items()}, metrics
+
+
+def _close(a: dict, b: dict, tol=1e-10):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == torch.float64
+        err = (a[k] - b[k]).abs().max().item()
+        assert err <= tol * (1 + b[k].abs().max().item()), (k, err)
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("kind,algorithm", SUPERVISED)
+def test_two_ranks_give_the_single_process_meta_gradient_and_parameters(two_ranks, monkeypatch, cache, kind, algorithm):
+    """The outer gradient of a 2-rank meta-batch (ranks of 3 and 2 sine tasks; 2 and 1 Omniglot
+    episodes) is the single-process gradient, every rank ends each iteration with the same
+    parameters, equal to the single-process ones, and the logged metrics are the whole batch's."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("METARL_CACHE", cache)
+    ranks = [r[f"{kind}-{algorithm}"] for r in two_ranks]
+    one_grads, one_params, one_metrics = _supervised_case(kind, algorithm)
+    assert one_grads and any(g.abs().max() > 0 for g in one_grads.values())
+    for grads, params, metrics in ranks:
+        _close(grads, one_grads)
+        _close(params, one_params)
+        for m, ref in zip(metrics, one_metrics):
+            # metrics: the whole batch's (accuracy is averaged in float32 by the metric itself)
+            assert m.keys() == ref.keys() and all(abs(m[k] - ref[k]) <= 1e-6 * (1 + abs(ref[k])) for k in ref), (m, ref)
+    assert all(torch.equal(ranks[0][1][k], ranks[1][1][k]) for k in one_params)  # bitwise the same on every rank
+
+
+def _nav_cfg(**extra):
+    data = {"track": "rl", "meta_batch": 3, "seed": 3,
+            "env": {"id": "metarl/Navigation2D-v0", "kwargs": {"normalize_actions": True, "goal_radius": 0.01, "horizon": 20}},
+            "policy": {"hidden": [8, 8]}, "inner": {"lr": 0.1, "episodes": 3}, "sampler": {"workers": 0}}
+    data.update(extra)
+    return config.from_dict(data)
+
+
+def _rl_case(iterations: int = 2, **extra):
+    torch.set_default_dtype(torch.float64)
+    cfg = _nav_cfg(**extra)
+    rng = seed_everything(cfg.seed)
+    track = make_track(cfg)
+    try:
+        metrics = [track.train_step(it, rng) for it in range(iterations)]
+    finally:
+        track.close()
+    return {k: p.detach().clone() for k, p in track.policy.named_parameters()}, metrics
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("fisher", FISHER)
+def test_two_ranks_take_the_single_process_trpo_step(two_ranks, fisher):
+    """MAML-TRPO on a tiny 2D navigation: each rank collects its share of the tasks (the episodes
+    one process collects for them), and the reduced surrogate gradient, Fisher-vector products
+    and line search give the single-process TRPO step, iteration after iteration (the same
+    batches, KL, line-search fraction and parameters)."""
+    ranks = [r[f"trpo-{fisher}"] for r in two_ranks]
+    # damping 0.1: with 1e-5 on this tiny, near-singular Fisher, 10 CG iterations amplify the
+    # rounding of a regrouped sum (Σ over ranks of shares vs one mean) to 1e-5 even in float64
+    one_params, one_metrics = _rl_case(outer={"fisher": fisher, "cg_damping": 0.1})
+    for params, metrics in ranks:
+        _close(params, one_params)
+        for m, ref in zip(metrics, one_metrics):
+            for k in ("return/pre", "return/post", "trpo/kl", "loss/surrogate", "trpo/step_fraction"):
+                assert abs(m[k] - ref[k]) <= 1e-10 * (1 + abs(ref[k])), (k, m[k], ref[k])
+    assert one_metrics[-1]["trpo/accepted"] == 1.0
+
+
+def test_a_share_of_tasks_is_collected_as_its_slice_of_the_whole_batch():
+    """Collector.collect(..., shard=(first, total)): the slice of one collection over all tasks,
+    for every contiguous share (reset seeds by global index, noise drawn for the whole batch)."""
+    cfg = _nav_cfg()
+    track = make_track(cfg)
+    from metarl.rollouts import Collector
+
+    tasks = track.task_env.sample_tasks(5, np.random.default_rng(0))
+    col = Collector(cfg.env.id, env_kwargs=cfg.env.kwargs, n_workers=0)
+    try:
+        whole = col.collect(track.policy, None, tasks, 2, seed=5)
+        for lo, hi in [(0, 2), (2, 5), (4, 5)]:
+            part = col.collect(track.policy, None, tasks[lo:hi], 2, seed=5, shard=(lo, 5))
+            n = part.obs.shape[1]
+            assert torch.equal(part.obs, whole.obs[lo:hi, :n]) and torch.equal(part.actions, whole.actions[lo:hi, :n])
+        with pytest.raises(ValueError, match="do not fit"):
+            col.collect(track.policy, None, tasks[3:5], 2, seed=5, shard=(4, 5))
+    finally:
+        col.close()
+        track.close()
+
+
+# ------------------------------------------------------------------------- the CLI under torchrun
+
+def _cli(args, nproc=None, timeout=240, env=None):
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "60", **(env or {})}
+    if nproc is None:
+        cmd = [sys.executable, "-m", "metarl"] + args
+    else:
+        cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-port", str(_free_port()), "-m", "metarl"] + args
+    return subprocess.run(cmd, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=timeout)
+
+
+SINE = ["train", "sine", "--set", "meta_batch=4", "--set", "checkpoint_every=3", "--set", "log_every=1",
+        "--set", "baselines=[pretrain]"]
+
+
+def _weights(run_dir):
+    state = torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)
+    return state["iteration"], state["track"]["modules"]
+
+
+def test_resume_across_rank_counts_through_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m metarl train` writes one run (rank 0 alone: one metrics.csv
+    row per iteration); resumed in one process it ends where 6 single-process iterations end
+    (float32: to rounding), and a single-process run resumed on 2 ranks does too."""
+    one = _cli(SINE + ["--set", "iterations=6", "--run-dir", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two_then_one = _cli(SINE + ["--set", "iterations=3", "--run-dir", str(tmp_path / "a")], nproc=2)
+    assert two_then_one.returncode == 0, two_then_one.stderr
+    assert "on 2 ranks" in two_then_one.stdout
+    assert _cli(SINE + ["--set", "iterations=6", "--run-dir", str(tmp_path / "a"), "--resume"]).returncode == 0
+    one_then_two = _cli(SINE + ["--set", "iterations=3", "--run-dir", str(tmp_path / "b")])
+    assert one_then_two.returncode == 0
+    p = _cli(SINE + ["--set", "iterations=6", "--run-dir", str(tmp_path / "b"), "--resume"], nproc=2)
+    assert p.returncode == 0, p.stderr
+    it, ref = _weights(tmp_path / "one")
+    for name in ("a", "b"):
+        it_x, got = _weights(tmp_path / name)
+        assert it_x == it == 6
+        for module in ref:
+            for k in ref[module]:
+                assert torch.allclose(got[module][k], ref[module][k], rtol=1e-4, atol=1e-6), (name, module, k)
+        rows = (tmp_path / name / "metrics.csv").read_text().splitlines()[1:]
+        assert [int(r.split(",")[0]) for r in rows] == list(range(6))
+
+
+def test_an_unshardable_method_is_refused_in_one_line(tmp_path):
+    p = _cli(["train", "reptile_sine", "--set", "iterations=2", "--set", "meta_batch=4", "--run-dir", str(tmp_path / "r")], nproc=2)
+    assert p.returncode != 0
+    assert "metarl: error: algorithm 'reptile' does not run under torchrun (2 ranks): its outer update is" in p.stderr
+
+
+def test_a_killed_rank_ends_the_others_with_one_line_within_the_timeout(tmp_path):
+    """Rank 1 is killed mid-run (two ranks started by hand, as torchrun would, so that no agent
+    tears the other down): rank 0 stops with one `metarl: error:` line naming the dead peer, well
+    within the process-group timeout (5 s here), instead of hanging."""
+    port = _free_port()
+    args = [sys.executable, "-m", "metarl", "train", "sine", "--set", "iterations=1000000", "--set", "meta_batch=4",
+            "--set", "checkpoint_every=1000000", "--run-dir", str(tmp_path / "k")]
+    procs = [subprocess.Popen(args, cwd=ROOT, env={**os.environ, **_env(r, 2, port), distributed.TIMEOUT_ENV: "5"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        deadline = time.monotonic() + 90
+        while not (tmp_path / "k" / "metrics.csv").exists():  # both ranks are training
+            assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()
+            time.sleep(0.2)
+        killed = time.monotonic()
+        procs[1].send_signal(signal.SIGKILL)
+        _, err = procs[0].communicate(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("metarl: error: rank 0 of 2:"), err
+    assert "another rank died or did not answer within 5 s" in lines[0]
+    assert took < 30
