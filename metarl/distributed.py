@@ -75,6 +75,8 @@ class World:
     """Seconds spent inside collectives since start (the benchmark's communication time)."""
     comm_bytes: int = 0
     """Bytes this rank contributed to all_reduce since start."""
+    comm_calls: int = 0
+    """Collectives since start (each pays the network latency once)."""
 
     @property
     def is_main(self) -> bool:
@@ -100,6 +102,7 @@ class World:
             raise self._error(what, e) from None
         self.comm_seconds += time.perf_counter() - start
         self.comm_bytes += out.numel() * out.element_size()
+        self.comm_calls += 1
         return out
 
     def task_mean(self, n_local: int, n_total: int) -> Callable[[Tensor], Tensor]:
