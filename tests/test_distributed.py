@@ -65,24 +65,43 @@ def _on_ranks(out: Path, cases: dict, size: int = 2) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(size)]
 
 
-SUPERVISED = [("sine", "maml"), ("omniglot", "maml"), ("sine", "meta_sgd")]
+SUPERVISED = [("sine", "maml"), ("sine", "meta_sgd")]
 FISHER = ["closed_form", "autograd"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def _sine_run_cfg(iterations: int):
+    return config.from_dict({"track": "sine", "meta_batch": 5, "iterations": iterations, "checkpoint_every": 3,
+                             "log_every": 1, "baselines": ["pretrain"]})
+
+
+def _train_case(run_dir: str, iterations: int, resume: bool):
+    """``metarl.training.train`` on every rank (float32, as the CLI runs): only rank 0 writes."""
+    from metarl.training import train
+
+    torch.set_default_dtype(torch.float32)
+    train(_sine_run_cfg(iterations), run_dir, resume=resume, tensorboard=False).close()
+    return sorted(n for n in os.listdir(run_dir) if not n.startswith(".")) if distributed.world().is_main else None
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, cache):
-    """Every 2-rank case of this file, computed by one pair of spawned ranks."""
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, runs):
+    """The 2-rank cases of this file, computed by one pair of spawned ranks (a start costs
+    seconds): sine gradients, TRPO steps, a fresh run (runs/two) and the resumption of a
+    single-process run (runs/one_then_two, 3 iterations in this process first)."""
+    from metarl.training import train
+
+    train(_sine_run_cfg(3), runs / "one_then_two", tensorboard=False).close()
     cases = {f"{kind}-{alg}": ("_supervised_case", {"kind": kind, "algorithm": alg}) for kind, alg in SUPERVISED}
     cases.update({f"trpo-{f}": ("_rl_case", {"outer": {"fisher": f, "cg_damping": 0.1}}) for f in FISHER})
+    cases["two"] = ("_train_case", {"run_dir": str(runs / "two"), "iterations": 3, "resume": False})
+    cases["one_then_two"] = ("_train_case", {"run_dir": str(runs / "one_then_two"), "iterations": 6, "resume": True})
     with pytest.MonkeyPatch.context() as mp_:
         mp_.chdir(ROOT)
-        mp_.setenv("METARL_CACHE", cache)  # the spawned ranks inherit it
-        make_track(_supervised_cfg("omniglot", "maml"))  # builds the Omniglot cache once, before the ranks read it
         return _on_ranks(tmp_path_factory.mktemp("ranks"), cases)
 
 
@@ -129,15 +148,7 @@ def _close(a: dict, b: dict, tol=1e-10):
         assert err <= tol * (1 + b[k].abs().max().item()), (k, err)
 
 
-@pytest.mark.usefixtures("float64")
-@pytest.mark.parametrize("kind,algorithm", SUPERVISED)
-def test_two_ranks_give_the_single_process_meta_gradient_and_parameters(two_ranks, monkeypatch, cache, kind, algorithm):
-    """The outer gradient of a 2-rank meta-batch (ranks of 3 and 2 sine tasks; 2 and 1 Omniglot
-    episodes) is the single-process gradient, every rank ends each iteration with the same
-    parameters, equal to the single-process ones, and the logged metrics are the whole batch's."""
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("METARL_CACHE", cache)
-    ranks = [r[f"{kind}-{algorithm}"] for r in two_ranks]
+def _check_supervised(ranks, kind, algorithm):
     one_grads, one_params, one_metrics = _supervised_case(kind, algorithm)
     assert one_grads and any(g.abs().max() > 0 for g in one_grads.values())
     for grads, params, metrics in ranks:
@@ -147,6 +158,27 @@ def test_two_ranks_give_the_single_process_meta_gradient_and_parameters(two_rank
             # metrics: the whole batch's (accuracy is averaged in float32 by the metric itself)
             assert m.keys() == ref.keys() and all(abs(m[k] - ref[k]) <= 1e-6 * (1 + abs(ref[k])) for k in ref), (m, ref)
     assert all(torch.equal(ranks[0][1][k], ranks[1][1][k]) for k in one_params)  # bitwise the same on every rank
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("kind,algorithm", SUPERVISED)
+def test_two_ranks_give_the_single_process_meta_gradient_and_parameters(two_ranks, kind, algorithm):
+    """The outer gradient of a 2-rank sine meta-batch (ranks of 2 and 3 tasks) is the
+    single-process gradient, every rank ends each iteration with the same parameters, equal to
+    the single-process ones, and the metrics every rank returns are the whole batch's."""
+    _check_supervised([r[f"{kind}-{algorithm}"] for r in two_ranks], kind, algorithm)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("float64")
+def test_two_ranks_give_the_single_process_omniglot_meta_gradient(tmp_path, monkeypatch):
+    """The same on Omniglot (3-way 1-shot, Conv4 with 4 filters, ranks of 1 and 2 episodes, two
+    second-order inner steps through batch norm). Slow only for building the Omniglot cache."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("METARL_CACHE", str(tmp_path / "cache"))  # the spawned ranks inherit it
+    make_track(_supervised_cfg("omniglot", "maml"))  # builds the cache once, before the ranks read it
+    ranks = _on_ranks(tmp_path, {"o": ("_supervised_case", {"kind": "omniglot", "algorithm": "maml"})})
+    _check_supervised([r["o"] for r in ranks], "omniglot", "maml")
 
 
 def _nav_cfg(**extra):
@@ -221,44 +253,80 @@ def _cli(args, nproc=None, timeout=240, env=None):
     return subprocess.run(cmd, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=timeout)
 
 
-SINE = ["train", "sine", "--set", "meta_batch=4", "--set", "checkpoint_every=3", "--set", "log_every=1",
-        "--set", "baselines=[pretrain]"]
-
-
 def _weights(run_dir):
     state = torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)
     return state["iteration"], state["track"]["modules"]
 
 
+def _same_run(got_dir, ref_dir, tol=1e-5):
+    it, ref = _weights(ref_dir)
+    it_got, got = _weights(got_dir)
+    assert it_got == it
+    for module in ref:
+        for k in ref[module]:
+            assert torch.allclose(got[module][k], ref[module][k], rtol=tol, atol=tol), (got_dir, module, k)
+    rows = (Path(got_dir) / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(it))  # one row per iteration: rank 0 alone logs
+
+
+def test_resume_across_rank_counts(two_ranks, runs):
+    """A 2-rank run resumed in one process, and a single-process run resumed on 2 ranks, end
+    where 6 single-process iterations end (float32: to rounding; the checkpoint holds no
+    per-rank state). Rank 0 alone wrote each run directory."""
+    from metarl.training import train
+
+    assert two_ranks[0]["two"] == ["checkpoint.pt", "config.yaml", "metrics.csv"]  # no TensorBoard: tensorboard=False
+    train(_sine_run_cfg(6), runs / "one", tensorboard=False).close()
+    train(_sine_run_cfg(6), runs / "two", resume=True, tensorboard=False).close()
+    _same_run(runs / "two", runs / "one")
+    _same_run(runs / "one_then_two", runs / "one")
+
+
+SINE = ["train", "sine", "--set", "meta_batch=4", "--set", "checkpoint_every=3", "--set", "log_every=1",
+        "--set", "baselines=[pretrain]"]
+
+
+@pytest.mark.slow
 def test_resume_across_rank_counts_through_torchrun(tmp_path):
-    """`torchrun --nproc-per-node 2 -m metarl train` writes one run (rank 0 alone: one metrics.csv
-    row per iteration); resumed in one process it ends where 6 single-process iterations end
-    (float32: to rounding), and a single-process run resumed on 2 ranks does too."""
+    """The same through the command line: `torchrun --nproc-per-node 2 -m metarl train`, resumed
+    by `metarl train --resume`, and the other way round."""
     one = _cli(SINE + ["--set", "iterations=6", "--run-dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     two_then_one = _cli(SINE + ["--set", "iterations=3", "--run-dir", str(tmp_path / "a")], nproc=2)
     assert two_then_one.returncode == 0, two_then_one.stderr
     assert "on 2 ranks" in two_then_one.stdout
     assert _cli(SINE + ["--set", "iterations=6", "--run-dir", str(tmp_path / "a"), "--resume"]).returncode == 0
-    one_then_two = _cli(SINE + ["--set", "iterations=3", "--run-dir", str(tmp_path / "b")])
-    assert one_then_two.returncode == 0
+    assert _cli(SINE + ["--set", "iterations=3", "--run-dir", str(tmp_path / "b")]).returncode == 0
     p = _cli(SINE + ["--set", "iterations=6", "--run-dir", str(tmp_path / "b"), "--resume"], nproc=2)
     assert p.returncode == 0, p.stderr
-    it, ref = _weights(tmp_path / "one")
-    for name in ("a", "b"):
-        it_x, got = _weights(tmp_path / name)
-        assert it_x == it == 6
-        for module in ref:
-            for k in ref[module]:
-                assert torch.allclose(got[module][k], ref[module][k], rtol=1e-4, atol=1e-6), (name, module, k)
-        rows = (tmp_path / name / "metrics.csv").read_text().splitlines()[1:]
-        assert [int(r.split(",")[0]) for r in rows] == list(range(6))
+    _same_run(tmp_path / "a", tmp_path / "one", tol=1e-4)
+    _same_run(tmp_path / "b", tmp_path / "one", tol=1e-4)
 
 
-def test_an_unshardable_method_is_refused_in_one_line(tmp_path):
-    p = _cli(["train", "reptile_sine", "--set", "iterations=2", "--set", "meta_batch=4", "--run-dir", str(tmp_path / "r")], nproc=2)
-    assert p.returncode != 0
-    assert "metarl: error: algorithm 'reptile' does not run under torchrun (2 ranks): its outer update is" in p.stderr
+@pytest.mark.parametrize("sets,message", [
+    (["track=sine", "algorithm=reptile"], "its outer update is the interpolation"),
+    (["track=sine", "algorithm=alpha_maml"], "hypergradients"),
+    (["track=sine", "algorithm=meta_lstm"], "--set meta_lstm.clip_norm=0 to shard it"),
+    (["track=sine", "algorithm=cavia", "cavia.grad_clip=10"], "--set cavia.grad_clip=null"),
+    (["track=rl", "inner.timesteps=100", "sampler.workers=0"], "inner.timesteps"),
+    (["track=sine", "meta_batch=1"], "meta_batch 1 is smaller than the 2 ranks"),
+])
+def test_what_cannot_be_sharded_is_refused_in_one_line(monkeypatch, sets, message):
+    """Under torchrun (a world of 2 here; the check itself does not communicate) a method whose
+    update is not a mean gradient, or a meta-batch smaller than the world, stops with one line."""
+    from metarl.config import ConfigError
+
+    data = dict(s.split("=", 1) for s in sets)
+    cfg = config.from_dict(config.merge({"track": data.pop("track")}, config.parse_overrides([f"{k}={v}" for k, v in data.items()])))
+    track = make_track(cfg)
+    try:
+        distributed.check_supported(cfg, track.method)  # one process: everything runs
+        monkeypatch.setattr(distributed, "_WORLD", distributed.World(rank=0, size=2))
+        with pytest.raises(ConfigError, match="torchrun|ranks") as e:
+            distributed.check_supported(cfg, track.method)
+        assert message in str(e.value) and "\n" not in str(e.value)
+    finally:
+        track.close()
 
 
 def test_a_killed_rank_ends_the_others_with_one_line_within_the_timeout(tmp_path):
