@@ -15,9 +15,10 @@ iteration), the seconds per iteration spent inside all_reduce (``World.comm_seco
 the collectives and bytes reduced per iteration, and the speed-up. From those, the scaling model
 of the README: with compute C per iteration (sharded), a fixed part F (not sharded: sampling the
 meta-batch, baselines, the optimizer step, Python) and all-reduce time A(R),
-    T(R) = C/R + F + A(R),   A(R) ≈ k·α·log2(R) + 2(R−1)/R · bytes/β   (k collectives, latency α, bandwidth β)
-C and F are read off T(1) and T(2) − A(2) here (two equations), α and β from A(2); the script
-prints the model's T(8), T(64) and speed-ups. On a shared 2-core machine the 2-rank numbers
+    T(R) = C/R + F + A(R),   A(R) ≈ 2(R−1)·k·α + 2(R−1)/R · bytes/β   (ring all-reduce: k collectives,
+                                                                  latency α, bandwidth β)
+C and F are read off T(1) and T(2) − A(2) here (two equations), α from A(2) (β assumed); the
+script prints the model's T(8), T(64) and speed-ups (for R ≤ meta-batch: a rank needs a task). On a shared 2-core machine the 2-rank numbers
 include whatever else runs: read them as an upper bound on T(2).
 
 Run: .venv/bin/python benchmarks/distributed_speed.py [--iterations 3] [--ranks 1,2] [--only omniglot,cheetah]
@@ -97,22 +98,21 @@ def run(name: str, ranks: int, args) -> dict:
     return json.loads(lines[-1])
 
 
-def model(one: dict, two: dict) -> dict:
-    """C, F, α, β of T(R) = C/R + F + A(R) from the 1- and 2-rank measurements (see the docstring)."""
+def model(one: dict, two: dict, beta: float = 1e9) -> dict:
+    """C, F, α of T(R) = C/R + F + A(R) from the 1- and 2-rank measurements (see the docstring),
+    with a ring all-reduce A(R) = k·2(R−1)·α + 2(R−1)/R · bytes/β; β (bytes/s) is assumed (gloo
+    over TCP: ~1 GB/s), α is what remains of the measured A(2) = 2kα + bytes/β."""
     a2 = two["all_reduce_sec"]
     c = max(0.0, 2.0 * (one["sec_per_iter"] - (two["sec_per_iter"] - a2)))
     f = max(0.0, one["sec_per_iter"] - c)
-    k, nbytes = max(1, two["collectives"]), two["bytes"] / max(1, two["collectives"])
-    # A(2) = k·α + k·nbytes/β: split it by assuming latency dominates small messages (α from the time
-    # per collective, β from gloo's ~1 GB/s loopback order); the prediction is printed with both terms.
-    beta = 1e9
-    alpha = max(0.0, a2 / k - nbytes / beta)
+    k, nbytes = max(1, two["collectives"]), two["bytes"]
+    alpha = max(0.0, (a2 - nbytes / beta) / (2 * k))
 
     def t(r):
-        a = 0.0 if r == 1 else k * (alpha * math.log2(r) + 2 * (r - 1) / r * nbytes / beta)
-        return c / r + f + a
-    return {"C": c, "F": f, "alpha": alpha, "k": k, "bytes_per_collective": nbytes,
-            "T": {r: t(r) for r in (1, 2, 8, 64)}, "speedup": {r: t(1) / t(r) for r in (2, 8, 64)}}
+        return c / r + f + (0.0 if r == 1 else k * 2 * (r - 1) * alpha + 2 * (r - 1) / r * nbytes / beta)
+    ranks = [r for r in (2, 8, 64) if r <= one["meta_batch"]]  # a rank needs at least one task
+    return {"C": c, "F": f, "alpha": alpha, "k": k, "bytes": nbytes, "T": {r: t(r) for r in [1] + ranks},
+            "speedup": {r: t(1) / t(r) for r in ranks}}
 
 
 def main() -> None:
@@ -140,9 +140,9 @@ def main() -> None:
     for name, by_rank in results.items():
         if 1 in by_rank and 2 in by_rank:
             m = model(by_rank[1], by_rank[2])
-            print(f"{name}: model C={m['C']:.3f} s (sharded), F={m['F']:.3f} s (fixed), {m['k']} collectives of "
-                  f"{m['bytes_per_collective'] / 1e3:.1f} kB, α={m['alpha'] * 1e3:.2f} ms; predicted T(8)={m['T'][8]:.3f} s "
-                  f"(x{m['speedup'][8]:.2f}), T(64)={m['T'][64]:.3f} s (x{m['speedup'][64]:.2f})")
+            pred = ", ".join(f"T({r})={m['T'][r]:.3f} s (x{m['speedup'][r]:.2f})" for r in m["speedup"])
+            print(f"{name}: model C={m['C']:.3f} s (sharded), F={m['F']:.3f} s (fixed), {m['k']} collectives, "
+                  f"{m['bytes'] / 1e6:.2f} MB, α={m['alpha'] * 1e3:.2f} ms; predicted {pred}")
     print(json.dumps(results))
 
 
