@@ -77,7 +77,7 @@ def worker(name: str, args) -> None:
                 nbytes.append(world.comm_bytes - b0)
     finally:
         track.close()
-        distributed.shutdown()
+    distributed.shutdown(wait=True)
     if world.is_main:
         print(MARK + json.dumps({"benchmark": name, "ranks": world.size, "meta_batch": cfg.meta_batch,
                                  "sec_per_iter": float(np.median(seconds)), "all_reduce_sec": float(np.median(comm)),

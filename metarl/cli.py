@@ -94,8 +94,14 @@ def cmd_train(args) -> int:
     world = distributed.init_from_env()  # under torchrun: this rank joins the others (rank 0 of 1 otherwise)
     try:
         track = train(cfg, run_dir, resume=args.resume)
-    finally:
+    except BaseException:
         distributed.shutdown()
+        raise
+    try:
+        distributed.shutdown(wait=True)
+    except BaseException:
+        track.close()
+        raise
     if not world.is_main:  # rank 0 reports, trains the baselines and evaluates
         track.close()
         return 0

@@ -187,13 +187,17 @@ def init_from_env() -> World:
     return _WORLD
 
 
-def shutdown() -> None:
-    """Leave the process group (end of ``metarl train``); a no-op with one rank."""
+def shutdown(wait: bool = False) -> None:
+    """Leave the process group (end of ``metarl train``); a no-op with one rank. ``wait``: first
+    wait for every rank (a run that ended well), so that no rank closes its connections while
+    another still uses them."""
     global _WORLD
     if _WORLD.size > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if wait:
+                _WORLD.agree(True, "the end of the run")
             dist.destroy_process_group()
     _WORLD = World()
 

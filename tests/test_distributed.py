@@ -43,8 +43,10 @@ def _rank_main(rank, size, port, out, cases):
     distributed.init_from_env()
     try:
         results = {key: globals()[fn](**kwargs) for key, (fn, kwargs) in cases.items()}
-    finally:
+    except BaseException:
         distributed.shutdown()
+        raise
+    distributed.shutdown(wait=True)
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
