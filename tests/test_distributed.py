@@ -4,7 +4,9 @@ themselves on gloo (CPU), against the same computation in one process.
 References: the single-process run of the same config in this process (the union of the ranks'
 tasks is its meta-batch), in float64 so that equality is to rounding (tolerances 1e-10). A
 check that the ranks agree with each other alone could pass with both wrong; each one is
-compared with one process. The resume and dead-rank tests run the real CLI under torchrun.
+compared with one process. The ranks are spawned processes joined as torchrun's workers would be
+(its environment variables); the dead-rank test runs the real CLI that way, and a slow test runs
+the CLI under torchrun itself.
 """
 import os
 import signal
@@ -68,7 +70,8 @@ def _on_ranks(out: Path, cases: dict, size: int = 2) -> list[dict]:
 
 
 SUPERVISED = [("sine", "maml"), ("sine", "meta_sgd")]
-FISHER = ["closed_form", "autograd"]
+OUTER = {"closed_form": {"fisher": "closed_form", "cg_damping": 0.1}, "autograd": {"fisher": "autograd", "cg_damping": 0.1},
+         "vpg": {"optimizer": "vpg", "lr": 0.01}}
 
 
 def _sine_run_cfg(iterations: int):
@@ -99,7 +102,7 @@ def two_ranks(tmp_path_factory, runs):
 
     train(_sine_run_cfg(3), runs / "one_then_two", tensorboard=False).close()
     cases = {f"{kind}-{alg}": ("_supervised_case", {"kind": kind, "algorithm": alg}) for kind, alg in SUPERVISED}
-    cases.update({f"trpo-{f}": ("_rl_case", {"outer": {"fisher": f, "cg_damping": 0.1}}) for f in FISHER})
+    cases.update({f"rl-{name}": ("_rl_case", {"outer": outer}) for name, outer in OUTER.items()})
     cases["two"] = ("_train_case", {"run_dir": str(runs / "two"), "iterations": 3, "resume": False})
     cases["one_then_two"] = ("_train_case", {"run_dir": str(runs / "one_then_two"), "iterations": 6, "resume": True})
     with pytest.MonkeyPatch.context() as mp_:
@@ -204,22 +207,25 @@ def _rl_case(iterations: int = 2, **extra):
 
 
 @pytest.mark.usefixtures("float64")
-@pytest.mark.parametrize("fisher", FISHER)
-def test_two_ranks_take_the_single_process_trpo_step(two_ranks, fisher):
-    """MAML-TRPO on a tiny 2D navigation: each rank collects its share of the tasks (the episodes
-    one process collects for them), and the reduced surrogate gradient, Fisher-vector products
-    and line search give the single-process TRPO step, iteration after iteration (the same
-    batches, KL, line-search fraction and parameters)."""
-    ranks = [r[f"trpo-{fisher}"] for r in two_ranks]
-    # damping 0.1: with 1e-5 on this tiny, near-singular Fisher, 10 CG iterations amplify the
-    # rounding of a regrouped sum (Σ over ranks of shares vs one mean) to 1e-5 even in float64
-    one_params, one_metrics = _rl_case(outer={"fisher": fisher, "cg_damping": 0.1})
+@pytest.mark.parametrize("outer", list(OUTER))
+def test_two_ranks_take_the_single_process_outer_step(two_ranks, outer):
+    """MAML-TRPO on a tiny 2D navigation (ranks of 1 and 2 tasks): each rank collects its share
+    of the tasks (the episodes one process collects for them), and the reduced surrogate
+    gradient, Fisher-vector products and line search give the single-process TRPO step,
+    iteration after iteration (the same returns, KL, line-search fraction and parameters), with
+    either Fisher path; and the vanilla policy gradient (Adam) its single-process step."""
+    ranks = [r[f"rl-{outer}"] for r in two_ranks]
+    # TRPO at damping 0.1: with 1e-5 on this tiny, near-singular Fisher, 10 CG iterations amplify
+    # the rounding of a regrouped sum (Σ over ranks of shares vs one mean) to 1e-5 even in float64
+    one_params, one_metrics = _rl_case(outer=OUTER[outer])
+    keys = ["return/pre", "return/post", "loss/surrogate"] + (["trpo/kl", "trpo/step_fraction"] if outer != "vpg" else [])
     for params, metrics in ranks:
         _close(params, one_params)
         for m, ref in zip(metrics, one_metrics):
-            for k in ("return/pre", "return/post", "trpo/kl", "loss/surrogate", "trpo/step_fraction"):
+            for k in keys:
                 assert abs(m[k] - ref[k]) <= 1e-10 * (1 + abs(ref[k])), (k, m[k], ref[k])
-    assert one_metrics[-1]["trpo/accepted"] == 1.0
+    if outer != "vpg":
+        assert all(m["trpo/accepted"] == 1.0 for m in one_metrics)  # the line search's reduced loss and KL accepted it
 
 
 def test_a_share_of_tasks_is_collected_as_its_slice_of_the_whole_batch():
