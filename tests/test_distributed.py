@@ -69,7 +69,7 @@ def _on_ranks(out: Path, cases: dict, size: int = 2) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(size)]
 
 
-SUPERVISED = [("sine", "maml"), ("sine", "meta_sgd")]
+SUPERVISED = [("sine", a) for a in ("maml", "fomaml", "meta_sgd", "anil", "maml_pp", "imaml", "cavia")]
 OUTER = {"closed_form": {"fisher": "closed_form", "cg_damping": 0.1}, "autograd": {"fisher": "autograd", "cg_damping": 0.1},
          "vpg": {"optimizer": "vpg", "lr": 0.01}}
 
@@ -160,8 +160,10 @@ def _check_supervised(ranks, kind, algorithm):
         _close(grads, one_grads)
         _close(params, one_params)
         for m, ref in zip(metrics, one_metrics):
-            # metrics: the whole batch's (accuracy is averaged in float32 by the metric itself)
-            assert m.keys() == ref.keys() and all(abs(m[k] - ref[k]) <= 1e-6 * (1 + abs(ref[k])) for k in ref), (m, ref)
+            # metrics: the whole batch's (accuracy is averaged in float32 by the metric itself), except
+            # a norm of the rank's own gradient (iMAML's grad_norm), which is the ranks' weighted mean
+            assert m.keys() == ref.keys(), (m, ref)
+            assert all(abs(m[k] - ref[k]) <= 1e-6 * (1 + abs(ref[k])) for k in ref if not k.startswith("grad_norm/")), (m, ref)
     assert all(torch.equal(ranks[0][1][k], ranks[1][1][k]) for k in one_params)  # bitwise the same on every rank
 
 
