@@ -14,10 +14,11 @@ from pathlib import Path
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .distributed import DistributedError
     from .extras import MissingExtra
     from .training import NonFiniteLoss, RunDirError
 
-    errors = [ConfigError, CheckpointError, RunDirError, NonFiniteLoss, FileNotFoundError, MissingExtra]
+    errors = [ConfigError, CheckpointError, RunDirError, NonFiniteLoss, FileNotFoundError, MissingExtra, DistributedError]
     try:
         from .tasks.episodes import DataError
         errors.append(DataError)
@@ -85,13 +86,26 @@ def _refuse_non_finite(result, run_dir, iteration) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from . import config as configlib
+    from . import config as configlib, distributed
     from .training import train
 
     run_dir = _check_dir(Path(args.run_dir or Path("runs") / Path(args.config).stem), "--run-dir")
     cfg = configlib.load(args.config, args.set + ([f"data.dir={args.data_dir}"] if args.data_dir else []))
-    track = train(cfg, run_dir, resume=args.resume)
-    print(f"trained {cfg.iterations} iterations: {run_dir}")
+    world = distributed.init_from_env()  # under torchrun: this rank joins the others (rank 0 of 1 otherwise)
+    try:
+        track = train(cfg, run_dir, resume=args.resume)
+    except BaseException:
+        distributed.shutdown()
+        raise
+    try:
+        distributed.shutdown(wait=True)
+    except BaseException:
+        track.close()
+        raise
+    if not world.is_main:  # rank 0 reports, trains the baselines and evaluates
+        track.close()
+        return 0
+    print(f"trained {cfg.iterations} iterations: {run_dir}" + (f" on {world.size} ranks" if world.size > 1 else ""))
     try:
         for kind in track.after_training():
             print(f"trained baseline {kind}: {run_dir / 'baselines'}")

@@ -80,6 +80,22 @@ class RunLogger:
             self._tb.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log under torchrun: nothing (rank 0 writes the run's logs)."""
+
+    def log(self, iteration: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def hyperparameters(self, config: dict) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def flatten(config: dict, prefix: str = "") -> dict:
     """Nested sections as dotted keys: {"inner": {"lr": 0.1}} -> {"inner.lr": 0.1}."""
     out = {}

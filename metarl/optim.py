@@ -255,7 +255,8 @@ def trpo_step(params: ParamSet, surrogate_fn: Callable[[ParamSet], Tensor], kl_f
               max_kl: float = 0.01, cg_iters: int = 10, damping: float = 1e-5, ls_ratio: float = 0.8,
               ls_steps: int = 15, *, loss_and_kl_fn: Callable[[ParamSet], tuple[Tensor, Tensor]] | None = None,
               fvp_fn: Callable[[ParamSet], Callable[[Tensor], Tensor]] | None = None,
-              loss_and_grad_fn: Callable[[ParamSet], tuple[Tensor, Tensor]] | None = None) -> dict:
+              loss_and_grad_fn: Callable[[ParamSet], tuple[Tensor, Tensor]] | None = None,
+              reduce: Callable[[Tensor], Tensor] | None = None) -> dict:
     """One TRPO update of ``params`` (a dict or list of tensors, updated IN PLACE).
 
     ``surrogate_fn(p)`` is the scalar loss to minimise (−L, e.g. the mean over tasks of
@@ -277,6 +278,12 @@ def trpo_step(params: ParamSet, surrogate_fn: Callable[[ParamSet], Tensor], kl_f
     called after ``loss_and_grad_fn``, at the same ``p``, so the two may share work; with
     ``fvp_fn``, sᵀFs is read off CG's final residual instead of costing one more product.)
 
+    ``reduce`` (meta-batch sharding, :mod:`metarl.distributed`): each process's closures cover
+    its share of the tasks, and ``reduce(t)`` combines a local tensor into the whole batch's
+    (an all_reduce). It is applied to the loss and gradient, to every Fisher-vector product and
+    to each line-search trial's loss and KL, so every process computes the same step, the step
+    of one process holding all the tasks; damping is added after it.
+
     Returns diagnostics (floats): accepted, step_fraction, kl, improvement, expected_improvement,
     loss_before, loss_after, backtracks, grad_norm, step_norm (of the accepted step, 0 if none).
     A zero gradient returns accepted=False without touching params.
@@ -290,7 +297,7 @@ def trpo_step(params: ParamSet, surrogate_fn: Callable[[ParamSet], Tensor], kl_f
     if loss_and_grad_fn is None:
         with torch.enable_grad():
             loss = _scalar(surrogate_fn(leaf_params), "surrogate_fn")
-            if not torch.isfinite(loss):
+            if reduce is None and not torch.isfinite(loss):  # with reduce: checked on the whole batch's loss below
                 raise FloatingPointError(f"surrogate loss is {loss.item()}: check advantages and log-probabilities for NaN/inf")
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         g = flat(_grads_or_zeros(grads, leaves)).detach()
@@ -298,11 +305,16 @@ def trpo_step(params: ParamSet, surrogate_fn: Callable[[ParamSet], Tensor], kl_f
     else:
         loss, g = loss_and_grad_fn(leaf_params)
         loss = _scalar(loss, "loss_and_grad_fn's loss")
-        if not torch.isfinite(loss):
+        if reduce is None and not torch.isfinite(loss):
             raise FloatingPointError(f"surrogate loss is {loss.item()}: check advantages and log-probabilities for NaN/inf")
         g = _as_flat(g, leaf_params).detach()
         if g.shape != (sum(t.numel() for t in leaves),):
             raise ValueError(f"loss_and_grad_fn returned a gradient of shape {tuple(g.shape)}: return flat(grads) over all parameters")
+    if reduce is not None:
+        both = reduce(torch.cat([loss.detach().reshape(1).to(g.dtype), g]))
+        loss, g = both[0], both[1:]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"surrogate loss is {loss.item()}: check advantages and log-probabilities for NaN/inf")
     old_loss = float(loss.detach())
     del loss
     grad_norm = float(g.norm())
@@ -311,13 +323,18 @@ def trpo_step(params: ParamSet, surrogate_fn: Callable[[ParamSet], Tensor], kl_f
                 "loss_before": old_loss, "loss_after": old_loss, "backtracks": 0, "grad_norm": 0.0, "step_norm": 0.0}
 
     product = None if fvp_fn is None else fvp_fn(leaf_params)
-    if product is None:
+    if product is None and reduce is None:
         Fvp = hvp_fn(kl_fn, leaf_params, damping)
     else:
+        if product is None:
+            product = hvp_fn(kl_fn, leaf_params)
+        if reduce is not None:
+            product = (lambda v, local=product: reduce(local(v).detach()))
+
         def Fvp(v: Tensor) -> Tensor:
             return product(v).detach() + damping * v
     s, r = _conjugate_gradient(Fvp, -g, cg_iters, 1e-10)
-    if product is None:
+    if fvp_fn is None:
         sFs = float(s @ Fvp(s))
     else:  # sᵀ(F + damping)s = sᵀ(−g − r), CG's residual r = −g − (F + damping)s: equal to rounding, one product less
         sFs = float(s @ (-g - r))
@@ -330,7 +347,13 @@ def trpo_step(params: ParamSet, surrogate_fn: Callable[[ParamSet], Tensor], kl_f
     def loss_and_kl(p):
         return surrogate_fn(p), kl_fn(p)
 
-    new_params, info = line_search(leaf_params, full_step, loss_and_kl_fn or loss_and_kl, max_kl, expected, ratio=ls_ratio,
+    trial = loss_and_kl_fn or loss_and_kl
+    if reduce is not None:
+        def trial(p, local=trial):  # every process tries the same candidates and takes the same decision
+            both = reduce(torch.stack([_scalar(t, "loss_and_kl_fn") for t in local(p)]))
+            return both[0], both[1]
+
+    new_params, info = line_search(leaf_params, full_step, trial, max_kl, expected, ratio=ls_ratio,
                                    max_steps=ls_steps, old_loss=old_loss)
     with torch.no_grad():
         for t, new in zip(targets, _tensors(new_params)):

@@ -23,8 +23,8 @@ try:
 except ImportError:  # not POSIX: runs are not locked
     fcntl = None
 
-from . import checkpoint, config as configlib
-from .logging import RunLogger
+from . import checkpoint, config as configlib, distributed
+from .logging import NullLogger, RunLogger
 from .threads import torch_threads
 
 
@@ -176,25 +176,38 @@ def _state(track, cfg, iteration: int, rng: np.random.Generator) -> dict:
 def train(cfg, run_dir: str | Path, resume: bool = False, tensorboard: bool = True):
     """Run (or continue) meta-training of ``cfg`` in ``run_dir``; returns the trained track.
 
-    Raises :class:`RunDirError` rather than overwrite a run that has a checkpoint."""
+    Raises :class:`RunDirError` rather than overwrite a run that has a checkpoint. Under torchrun
+    (:mod:`metarl.distributed`) every rank calls this; rank 0 alone locks, checks and writes the
+    run directory (logs, TensorBoard, metrics.csv, checkpoints), the others only read the
+    checkpoint they resume from, and a rank that fails to start makes the others stop too."""
     run_dir = Path(run_dir)
+    world = distributed.world()
+    lock = None
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunDirError(f"cannot create run directory {run_dir} ({e.strerror}): choose a writable --run-dir") from None
-    try:
-        lock = _RunLock(run_dir).__enter__()
-    except PermissionError as e:
-        raise RunDirError(f"cannot write in run directory {run_dir} ({e.strerror}): fix its permissions or choose "
-                          f"another --run-dir") from None
-    try:
-        return _train_locked(cfg, run_dir, resume, tensorboard)
+        try:
+            if world.is_main:
+                try:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise RunDirError(f"cannot create run directory {run_dir} ({e.strerror}): choose a writable --run-dir") from None
+                try:
+                    lock = _RunLock(run_dir).__enter__()
+                except PermissionError as e:
+                    raise RunDirError(f"cannot write in run directory {run_dir} ({e.strerror}): fix its permissions or choose "
+                                      f"another --run-dir") from None
+            started = _start(cfg, run_dir, resume, tensorboard and world.is_main)
+        except BaseException:
+            world.agree(False, "start-up")
+            raise
+        world.agree(True, "start-up")
+        return _loop(cfg, run_dir, *started)
     except OSError as e:
         if e.errno not in _DISK_ERRNOS:
             raise
         raise RunDirError(_disk_message(e, run_dir)) from None
     finally:
-        lock.__exit__()
+        if lock is not None:
+            lock.__exit__()
 
 
 _DISK_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
@@ -206,31 +219,48 @@ def _disk_message(e: OSError, run_dir: Path, last_saved: int | None = None) -> s
             f"or choose another --run-dir{kept}")
 
 
-def _train_locked(cfg, run_dir: Path, resume: bool, tensorboard: bool):
-    if not resume and _holds_a_run(run_dir):
-        raise RunDirError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir")
-    checkpoint.remove_stale(run_dir)  # we hold the lock: any temporary file is a killed writer's
+def _start(cfg, run_dir: Path, resume: bool, tensorboard: bool):
+    """The track, the task-sampling RNG, the first iteration and the logger of a (resumed) run."""
+    world = distributed.world()
+    if world.is_main:
+        if not resume and _holds_a_run(run_dir):
+            raise RunDirError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir")
+        checkpoint.remove_stale(run_dir)  # we hold the lock: any temporary file is a killed writer's
     if resume and not checkpoint.exists(run_dir) and (run_dir / "config.yaml").exists():
         resume = False  # killed before its first checkpoint: nothing to continue, so start it over
     rng = seed_everything(cfg.seed)
     track = make_track(cfg)
     track.run_dir = run_dir
     start = 0
-    if resume:
-        state = checkpoint.load(run_dir)
-        saved = dict(state["config"])
-        now = configlib.to_dict(cfg)
-        keys = configlib.resumable_keys(type(cfg))
-        changed = [k for k in _changed_keys(now, saved) if not _resumable(k, keys)]
-        if changed:
-            raise RunDirError(f"--resume with a different config ({', '.join(changed)} changed): only "
-                              f"{', '.join(keys)} may change; use a new --run-dir otherwise")
-        track.load_state_dict(state["track"])
-        checkpoint.restore_rng(state["rng"], rng)
-        start = int(state["iteration"])
-    (run_dir / "config.yaml").write_text(configlib.dump(cfg))
-    logger = RunLogger(run_dir, cfg.iterations, start, tensorboard=tensorboard)
-    logger.hyperparameters(configlib.to_dict(cfg))
+    try:
+        distributed.check_supported(cfg, track.method)
+        if resume:
+            state = checkpoint.load(run_dir)
+            saved = dict(state["config"])
+            now = configlib.to_dict(cfg)
+            keys = configlib.resumable_keys(type(cfg))
+            changed = [k for k in _changed_keys(now, saved) if not _resumable(k, keys)]
+            if changed:
+                raise RunDirError(f"--resume with a different config ({', '.join(changed)} changed): only "
+                                  f"{', '.join(keys)} may change; use a new --run-dir otherwise")
+            track.load_state_dict(state["track"])
+            checkpoint.restore_rng(state["rng"], rng)
+            start = int(state["iteration"])
+        if world.is_main:
+            (run_dir / "config.yaml").write_text(configlib.dump(cfg))
+            logger = RunLogger(run_dir, cfg.iterations, start, tensorboard=tensorboard)
+            logger.hyperparameters(configlib.to_dict(cfg))
+        else:
+            logger = NullLogger()
+    except BaseException:
+        track.close()
+        raise
+    return track, rng, start, logger
+
+
+def _loop(cfg, run_dir: Path, track, rng: np.random.Generator, start: int, logger):
+    """Iterations ``start``..``cfg.iterations``: step, log, checkpoint, stop cleanly."""
+    world = distributed.world()
     last_saved = start
     try:
         with _StopFlag() as stop, torch_threads(cfg.torch_threads):
@@ -241,16 +271,18 @@ def _train_locked(cfg, run_dir: Path, resume: bool, tensorboard: bool):
                 if it % cfg.log_every == 0 or done == cfg.iterations:
                     logger.log(it, metrics)
                 logger.advance()
+                stopping = world.any(stop.signal is not None)  # a signal to one rank stops them all here
                 snap = cfg.snapshot_every > 0 and done % cfg.snapshot_every == 0
-                if snap or done % cfg.checkpoint_every == 0 or done == cfg.iterations or stop.signal is not None:
+                if snap or done % cfg.checkpoint_every == 0 or done == cfg.iterations or stopping:
                     state = _state(track, cfg, done, rng)
                     check_state_finite(state["track"], it)
-                    checkpoint.save(run_dir, state)
-                    if snap:
-                        checkpoint.save_snapshot(run_dir, state)
+                    if world.is_main:
+                        checkpoint.save(run_dir, state)
+                        if snap:
+                            checkpoint.save_snapshot(run_dir, state)
                     last_saved = done
-                if stop.signal is not None:
-                    raise KeyboardInterrupt(f"stopped by signal {stop.signal} after iteration {done}; "
+                if stopping:
+                    raise KeyboardInterrupt(f"stopped by signal {stop.signal or 'of another rank'} after iteration {done}; "
                                             f"checkpoint saved: continue with --resume")
     except FloatingPointError as e:
         track.close()

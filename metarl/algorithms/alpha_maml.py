@@ -142,6 +142,10 @@ class AlphaMAML(MAML):
         return adapted_predictions(self.model, params_of(self.model), batch, self.problem.loss, steps=steps,
                                    lr=self.inner_lr, only=self.cfg.inner.only)
 
+    def not_shardable(self):
+        return ("its step sizes move by hypergradients read from the rank's own gradient and support loss "
+                "before the outer step")
+
     def step_sizes(self) -> dict:
         return {"inner_lr": self.inner_lr, "outer_lr": self.outer_lr, "initial_inner_lr": self.cfg.inner.lr,
                 "initial_outer_lr": self.cfg.outer.lr, "rule": f"hypergradient descent (inner sgd_hd, outer {self.own.outer_rule})"}

@@ -97,6 +97,18 @@ class Method:
     def load_extra_state(self, state: dict) -> None:
         pass
 
+    def not_shardable(self) -> Optional[str]:
+        """Why this method cannot split a meta-batch across torchrun ranks, or None if it can.
+
+        Under torchrun (:mod:`metarl.distributed`) ``train_step`` runs on each rank's share of the
+        tasks with the optimizers' steps held back, the ``.grad`` of the optimizers' parameters
+        are averaged over the whole meta-batch, then the steps run. That is the single-process
+        update whenever the update is "optimizer steps on the mean over tasks of per-task
+        gradients"; a method whose update reads or changes anything else from its local share
+        (an interpolation of weights, a gradient clipped or read before the step, running
+        statistics, torch random numbers drawn per task) returns the reason here."""
+        return None
+
 
 def finite(metrics: dict[str, float]) -> bool:
     """True when every metric is finite: only then may a method apply its outer step."""

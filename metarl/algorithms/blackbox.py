@@ -64,6 +64,10 @@ class BlackBox(Method):
     def build(self, in_channels: int, image_size: int) -> nn.Module:
         raise NotImplementedError
 
+    def not_shardable(self):
+        return ("its embedding's batch norm keeps running statistics of each rank's own share, and the support "
+                "shuffle draws torch random numbers per share")
+
     def train_step(self, batch: TaskBatch, iteration: int) -> dict[str, float]:
         xs, ys = batch.x_support, batch.y_support
         if self.own.shuffle_support:

@@ -123,5 +123,11 @@ class CAVIA(Method):
     def predict(self, batch: TaskBatch, steps: int) -> list[Tensor]:
         return adapted_predictions(self.model, self.params(), batch, self.problem.loss, steps=steps, lr=self.own.lr, only=ONLY)
 
+    def not_shardable(self):
+        if self.own.grad_clip is not None:
+            return ("cavia.grad_clip clamps each rank's share of the meta-gradient before the step; "
+                    "--set cavia.grad_clip=null to shard it")
+        return None
+
     def step_sizes(self) -> dict:
         return {"context_lr": self.own.lr, "context_size": self.own.context_size}

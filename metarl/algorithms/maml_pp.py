@@ -283,6 +283,12 @@ class MAMLPlusPlus(MAML):
             opt.step()
         return metrics
 
+    def not_shardable(self):
+        if self.own.grad_clip is not None:
+            return ("maml_pp.grad_clip clamps each rank's share of the meta-gradient before the step; "
+                    "--set maml_pp.grad_clip=null to shard it")
+        return None
+
     def predict(self, batch: TaskBatch, steps: int) -> list[Tensor]:
         with torch.no_grad():
             return self.rollout(batch, steps, detach=True)

@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from .. import distributed
 from ..registry import algorithm
 from ..threads import torch_threads
 from .base import Method
@@ -44,17 +45,31 @@ def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: Advanta
                 seed: int, optimizer=None, estimator: str = "reinforce", kl_coeffs=None) -> dict[str, float]:
     """One meta-iteration: sample, adapt, sample again, outer step on θ. Returns diagnostics.
     ``estimator`` and ``kl_coeffs`` reach the PPO outer step only (ProMP's LVC inner loss and
-    penalty; :func:`metarl.algorithms.ppo.ppo_outer_step`); the sampling path is the same for all."""
+    penalty; :func:`metarl.algorithms.ppo.ppo_outer_step`); the sampling path is the same for all.
+
+    Under torchrun (:mod:`metarl.distributed`) each rank collects and adapts its contiguous
+    share of ``tasks`` (the whole meta-batch, the same on every rank), with the episodes the
+    single-process collection gives those tasks; the outer step's surrogate, gradient,
+    Fisher-vector products and line search (TRPO), or the gradient (vpg), are reduced over the
+    ranks, so every rank takes the single-process step (PPO's epochs are refused under torchrun)."""
+    world = distributed.world()
+    lo, hi = world.shard(len(tasks))
+    shard = None if world.size == 1 else (lo, len(tasks))
+    reduce = None if world.size == 1 else world.task_mean(hi - lo, len(tasks))
+    tasks = tasks[lo:hi]
     theta = {k: p for k, p in policy.named_parameters()}
     data, phi_old, timing = collect_adapted(policy, collector, theta, tasks, inner.episodes, adv_cfg, inner.steps, inner.lr,
-                                            seed, timesteps=inner.timesteps)
+                                            seed, timesteps=inner.timesteps, shard=shard)
     train, (valid, valid_adv) = data[:-1], data[-1]
-    metrics = {"return/pre": data[0][0].mean_returns().mean().item(), "return/post": valid.mean_returns().mean().item()}
+    returns = torch.stack([data[0][0].mean_returns().mean(), valid.mean_returns().mean()])
+    pre, post = (returns if reduce is None else reduce(returns.double())).tolist()
+    metrics = {"return/pre": pre, "return/post": post}
     metrics.update({f"time/{k}": v for k, v in timing.items()})
     t_outer = time.perf_counter()
     if outer.optimizer == "trpo":
         with torch_threads(outer.threads):
-            info = trpo_outer_step(policy, theta, train, valid, valid_adv, phi_old, inner, outer, seed, adv_cfg.reduction)
+            info = trpo_outer_step(policy, theta, train, valid, valid_adv, phi_old, inner, outer, seed, adv_cfg.reduction,
+                                   reduce=reduce)
         metrics.update({"trpo/kl": info["kl"], "trpo/accepted": float(info["accepted"]),
                         "trpo/step_fraction": info["step_fraction"], "loss/surrogate": info["loss_before"]})
     elif outer.optimizer == "ppo":
@@ -66,10 +81,18 @@ def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: Advanta
     else:
         surrogate, _, _ = outer_objective(policy, train, valid, valid_adv, phi_old, inner, adv_cfg.reduction)
         loss = surrogate(theta)
+        optimizer.zero_grad(set_to_none=True)
+        if reduce is not None:  # every rank takes the same decision on the whole batch's loss and gradient
+            loss.backward()
+            params = list(theta.values())
+            both = reduce(torch.cat([loss.detach().reshape(1)] + [p.grad.reshape(-1) for p in params]))
+            loss, offset = both[0], 1
+            for p in params:
+                p.grad, offset = both[offset:offset + p.numel()].view_as(p).clone(), offset + p.numel()
         metrics["loss/surrogate"] = loss.item()
         if torch.isfinite(loss):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if reduce is None:
+                loss.backward()
             optimizer.step()
     metrics["time/outer"] = time.perf_counter() - t_outer
     metrics["policy/std"] = theta["log_std"].detach().exp().mean().item()
@@ -94,6 +117,13 @@ class MAMLTRPO(Method):
         if cfg.outer.optimizer in ("vpg", "ppo"):
             self.optimizers[self.name] = torch.optim.Adam(self.policy.parameters(), lr=cfg.outer.lr)
         self.collector = track.collector
+
+    def not_shardable(self):
+        if self.cfg.inner.timesteps is not None:
+            return "inner.timesteps sizes each task's batch by rounds over the tasks still short; use inner.episodes"
+        if self.cfg.outer.optimizer == "ppo":
+            return "outer.optimizer ppo takes several Adam steps on each rank's share; use trpo or vpg to shard"
+        return None
 
     def train_step(self, tasks, seed: int) -> dict[str, float]:
         inner = self.cfg.inner

@@ -252,6 +252,12 @@ class MetaLSTM(Method):
                 chunks.append([self._query(s, part) for s in self.unroll(part, steps)])
         return [torch.cat(per_step) for per_step in zip(*chunks)]
 
+    def not_shardable(self):
+        if self.own.clip_norm > 0:
+            return ("meta_lstm.clip_norm clips the norm of each rank's share of the meta-gradient before the step; "
+                    "--set meta_lstm.clip_norm=0 to shard it")
+        return None
+
     def step_sizes(self) -> dict:
         """The gates' learned biases and their sigmoids (the input gate is the learning rate)."""
         bf, bi = self.meta.bF.item(), self.meta.bI.item()

@@ -162,19 +162,27 @@ def step_sizes(lr: Union[float, Sequence[float]], steps: int) -> list[float]:
     return (lrs + lrs[-1:] * steps)[:steps]
 
 
-def _collect(collector, policy, params: Params, tasks, episodes: int, timesteps: Optional[int], lockstep: bool, seed: int):
-    """One evaluation batch: ``episodes`` per task, or whole episodes up to ``timesteps`` steps per task."""
+def _collect(collector, policy, params: Params, tasks, episodes: int, timesteps: Optional[int], lockstep: bool, seed: int,
+             shard: Optional[tuple[int, int]] = None):
+    """One batch: ``episodes`` per task, or whole episodes up to ``timesteps`` steps per task
+    (``shard``: a torchrun rank's share of the meta-batch, :meth:`Collector.collect`)."""
     if timesteps is None:
+        if shard is not None:
+            return collector.collect(policy, params, tasks, episodes, seed=seed, shard=shard)
         return collector.collect(policy, params, tasks, episodes, seed=seed)
+    if shard is not None:
+        raise ValueError("batches sized in timesteps cannot be sharded across ranks: use inner.episodes")
     return collector.collect_timesteps(policy, params, tasks, timesteps, seed=seed, lockstep=lockstep)
 
 
 def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_cfg: AdvantageConfig,
                     steps: int, lr: Union[float, Sequence[float]], seed: int, timesteps: Optional[int] = None,
-                    lockstep: bool = False):
+                    lockstep: bool = False, shard: Optional[tuple[int, int]] = None):
     """Episodes before and after each of ``steps`` inner steps (``lr``: see :func:`step_sizes`),
     ``episodes`` per task per step, or with ``timesteps`` whole episodes until each task holds at
     least that many steps (:meth:`Collector.collect_timesteps`; ``lockstep``: rllab's sampler).
+    ``shard`` = (first, total): ``tasks`` are one torchrun rank's share of a meta-batch of
+    ``total``, collected as their slice of the whole batch would be (:mod:`metarl.distributed`).
 
     Returns ([(episodes, advantages) at θ, φ1, ..., φ_steps], the last φ detached, seconds spent
     sampling and adapting)."""
@@ -183,7 +191,7 @@ def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_
     timing = {"sample": 0.0, "adapt": 0.0}
     for s in range(steps + 1):
         t0 = time.perf_counter()
-        eps = _collect(collector, policy, params, tasks, episodes, timesteps, lockstep, seed * 1000 + s)
+        eps = _collect(collector, policy, params, tasks, episodes, timesteps, lockstep, seed * 1000 + s, shard)
         t1 = time.perf_counter()
         adv = advantages(eps, adv_cfg)
         out.append((eps, adv))

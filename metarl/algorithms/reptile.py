@@ -247,6 +247,10 @@ class Reptile(Method):
                          batch_size=o.eval_batch_size, generator=gen, on_step=record)
         return out
 
+    def not_shardable(self):
+        return ("its outer update is the interpolation θ + ε·mean(φ − θ), not an optimizer step on a gradient, and its "
+                "minibatches draw torch random numbers for the whole meta-batch")
+
     def step_sizes(self) -> dict:
         o = self.own
         return {"inner_optimizer": o.optimizer, "inner_lr": o.lr, "eval_batch_size": o.eval_batch_size,

@@ -102,8 +102,12 @@ def _subsample_episodes(episodes, adv: Tensor, fraction: float, generator: torch
 
 
 def trpo_outer_step(policy, theta: Params, train, valid, valid_adv: Tensor, phi_old: Params, inner: RLInnerConfig,
-                    outer: RLOuterConfig, seed: int = 0, reduction: str = "episode") -> dict:
-    """TRPO on θ (updated in place) for the outer objective of :func:`outer_objective`."""
+                    outer: RLOuterConfig, seed: int = 0, reduction: str = "episode", reduce=None) -> dict:
+    """TRPO on θ (updated in place) for the outer objective of :func:`outer_objective`.
+
+    ``reduce``: with the meta-batch sharded over torchrun ranks (:mod:`metarl.distributed`),
+    combines each rank's share of the surrogate, its gradient, the Fisher-vector products and the
+    line search's loss and KL (see :func:`metarl.optim.trpo_step`)."""
     surrogate, kl, loss_and_kl = outer_objective(policy, train, valid, valid_adv, phi_old, inner, reduction)
     if not 0.0 < outer.fvp_subsample <= 1.0:
         raise ValueError(f"outer.fvp_subsample must be in (0, 1], got {outer.fvp_subsample}")
@@ -135,4 +139,4 @@ def trpo_outer_step(policy, theta: Params, train, valid, valid_adv: Tensor, phi_
             return hvp_fn(kl_sub, p)
     return trpo_step(theta, surrogate, kl, max_kl=outer.max_kl, cg_iters=outer.cg_iters, damping=outer.cg_damping,
                      ls_ratio=outer.ls_ratio, ls_steps=outer.ls_steps, loss_and_kl_fn=loss_and_kl, fvp_fn=fvp_fn,
-                     loss_and_grad_fn=loss_and_grad_fn)
+                     loss_and_grad_fn=loss_and_grad_fn, reduce=reduce)

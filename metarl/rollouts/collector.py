@@ -124,17 +124,31 @@ def ensure_task(task_env) -> None:
         task_env.set_task(task_env.sample_tasks(1, np.random.default_rng(0))[0])
 
 
-def episode_seeds(seed: int, n_tasks: int, episodes_per_task: int) -> np.ndarray:
-    """Reset seed of episode b of task i, ``[T, B]`` int64, from ``SeedSequence(seed, spawn_key=(i, b))``.
+def episode_seeds(seed: int, n_tasks: int, episodes_per_task: int, first_task: int = 0) -> np.ndarray:
+    """Reset seed of episode b of task i, ``[T, B]`` int64, from ``SeedSequence(seed, spawn_key=(i, b))``,
+    for tasks i = first_task .. first_task + n_tasks − 1.
 
     Depends only on (seed, i, b): changing the number of tasks does not change the start states
     of the others, and different (i, b) get statistically independent seeds."""
     out = np.empty((n_tasks, episodes_per_task), dtype=np.int64)
     for i in range(n_tasks):
         for b in range(episodes_per_task):
-            words = np.random.SeedSequence(seed, spawn_key=(i, b)).generate_state(2, np.uint32)
+            words = np.random.SeedSequence(seed, spawn_key=(first_task + i, b)).generate_state(2, np.uint32)
             out[i, b] = (int(words[0]) << 31) ^ int(words[1])  # 63-bit, non-negative
     return out
+
+
+def _shard_sampler(sample: Callable, first: int, total: int) -> Callable:
+    """``sample`` for tasks first.. of ``total``: the noise of one draw over all ``total`` tasks
+    (the others' means padded with zeros), sliced, so a rank's actions are the single-process ones."""
+    def draw(mean: Tensor, log_std: Tensor, generator) -> Tensor:
+        mean, log_std = torch.broadcast_tensors(mean, log_std)
+        n = mean.shape[0]
+
+        def pad(t: Tensor) -> Tensor:
+            return torch.cat([t.new_zeros(first, *t.shape[1:]), t, t.new_zeros(total - first - n, *t.shape[1:])])
+        return sample(pad(mean), pad(log_std), generator)[first:first + n]
+    return draw
 
 
 def lockstep_selection(lengths: Tensor, timesteps: int) -> Optional[Tensor]:
@@ -675,7 +689,7 @@ class Collector:
     # --------------------------------------------------------------- collect
     def collect(self, policy: nn.Module, params: Optional[Mapping[str, Tensor]], tasks: Sequence[Mapping[str, Any]],
                 episodes_per_task: int, seed: Optional[int] = None,
-                generator: Optional[torch.Generator] = None) -> Episodes:
+                generator: Optional[torch.Generator] = None, shard: Optional[tuple[int, int]] = None) -> Episodes:
         """Run ``episodes_per_task`` episodes for every task with its own parameters.
 
         Args:
@@ -689,6 +703,10 @@ class Collector:
             seed: makes the collection reproducible (env resets and action noise). If None, a seed is
                 drawn from ``generator`` when given, else from the OS; it is stored in ``Episodes.seed``.
             generator: action-noise generator to use instead of one seeded from ``seed``.
+            shard: (first, total): ``tasks`` are tasks first.. of a meta-batch of ``total``
+                (one torchrun rank's share, :mod:`metarl.distributed`); their episodes are then
+                exactly those of one ``collect`` over the whole meta-batch: reset seeds of their
+                global indices, action noise drawn for all ``total`` tasks and sliced.
         """
         tasks = [dict(t) for t in tasks]
         n_tasks, n_eps = len(tasks), episodes_per_task
@@ -709,10 +727,16 @@ class Collector:
         stacked = self._stacked_params(policy, params, n_tasks)
         dtype = next(iter(stacked.values())).dtype
         sample, log_prob = self._distribution_fns(policy)
+        first = 0
+        if shard is not None:
+            first, total = shard
+            if not 0 <= first <= total - n_tasks:
+                raise ValueError(f"shard {shard}: {n_tasks} tasks from index {first} do not fit a meta-batch of {total}")
+            sample = _shard_sampler(sample, first, total)
 
         n = n_tasks * n_eps
         slot_tasks = [tasks[k // n_eps] for k in range(n)]
-        seeds = episode_seeds(seed, n_tasks, n_eps).reshape(-1)
+        seeds = episode_seeds(seed, n_tasks, n_eps, first).reshape(-1)
         backend = self._get_backend()
         cap, d, a_dim = self.max_episode_steps, self.obs_dim, self.act_dim
 

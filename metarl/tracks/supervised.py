@@ -5,7 +5,10 @@ A supervised track supplies the problem (:class:`metarl.algorithms.base.Problem`
 distribution for training (``sample(n, rng) -> TaskBatch``), fixed evaluation batches, and its
 baselines; the method named by ``algorithm:`` does the learning. One meta-iteration: sample a
 meta-batch, let the method take its outer step, then step the baselines on the same iteration's
-data, so one checkpoint holds the whole comparison and resume is exact for all of it.
+data, so one checkpoint holds the whole comparison and resume is exact for all of it. Under
+torchrun every rank samples the whole meta-batch, the method learns on the rank's share
+(:func:`metarl.distributed.sharded_train_step`), and every rank steps the baselines, cheap next
+to the method, on the whole batch alike.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Iterable
 import numpy as np
 from torch import Tensor
 
-from .. import evaluation, registry
+from .. import distributed, evaluation, registry
 from ..algorithms.base import Problem, finite
 from ..algorithms.maml import adapted_predictions
 from ..evaluation import EvalResult
@@ -35,8 +38,8 @@ class SupervisedTrack(Track):
 
     # ---- training -------------------------------------------------------------------------
     def train_step(self, iteration: int, rng: np.random.Generator) -> dict[str, float]:
-        batch = self.train_tasks.sample(self.cfg.meta_batch, rng)
-        metrics = self.method.train_step(batch, iteration)
+        batch = self.train_tasks.sample(self.cfg.meta_batch, rng)  # the whole meta-batch, on every rank
+        metrics = distributed.sharded_train_step(self.method, batch, iteration)  # the method on this rank's share
         losses, extra = self.baseline_losses(batch, rng)
         metrics.update(extra)
         metrics.update({f"loss/{k}": v.item() for k, v in losses.items()})
