@@ -89,7 +89,7 @@ def query_losses(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatc
 
 
 def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, loss: PerTaskLoss, *,
-                  workers: int = 1, extra: Sequence[Tensor] = (),
+                  workers: int = 1, predictions: Callable = query_predictions, extra: Sequence[Tensor] = (),
                   objective: Optional[Callable[[TaskBatch], tuple[Tensor, Tensor]]] = None,
                   **inner) -> Tensor:
     """Accumulate ∇θ of MAML's outer objective (the mean query loss over the meta-batch) into the
@@ -101,7 +101,9 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBat
     thread (:func:`metarl.threads.task_pool`), and the shards' gradients are added in shard order,
     so the result does not depend on which thread finishes first. Tasks are independent given θ,
     so this is the same gradient, regrouped: a sum of per-shard sums instead of one sum.
-    ``inner``: steps, lr, first_order, only, batched as in :func:`query_predictions`; ``extra``: further leaf tensors
+    ``inner``: steps, lr, first_order, only, batched as in :func:`query_predictions`;
+    ``predictions`` (same signature) replaces it for a method that adapts another way (ANIL's
+    head-only inner loop on features computed once, ``anil.py``); ``extra``: further leaf tensors
     the outer objective depends on through ``inner`` (learned step sizes passed as ``lr``:
     Meta-SGD's α, Alpha MAML's α), whose ``.grad`` is accumulated too.
 
@@ -116,7 +118,7 @@ def meta_backward(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBat
     def shard(bound):
         part = batch.tasks(*bound)
         if objective is None:
-            preds = query_predictions(model, params, part, loss, **inner)
+            preds = predictions(model, params, part, loss, **inner)
             per_task = loss(preds, part.y_query)
         else:
             preds, per_task = objective(part)

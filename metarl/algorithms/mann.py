@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from metarl.policies.embedding import ImageEmbedding
 
-from ..config import in_range
+from ..config import ConfigError, in_range
 from ..registry import algorithm
 from .blackbox import BlackBox, validate_common
 
@@ -52,7 +52,7 @@ def label_inputs(y_support: Tensor, n_way: int, delay: bool, dtype) -> Tensor:
 class LSTMLearner(nn.Module):
     """Embedding → LSTM over (x_t, y_{t−1}) → linear to N logits."""
 
-    def __init__(self, n_way: int, embedding: nn.Module, hidden: int, label_delay: bool = True):
+    def __init__(self, n_way: int, embedding: nn.Module, hidden: int, label_delay: bool = False):
         super().__init__()
         self.n_way, self.label_delay = n_way, label_delay
         self.embed = embedding
@@ -108,7 +108,7 @@ class MemoryLearner(nn.Module):
     a read returns the mean of the memory; ``mann.key_strength: false`` restores β = 1."""
 
     def __init__(self, n_way: int, embedding: nn.Module, hidden: int, slots: int, width: int, gamma: float,
-                 label_delay: bool = True, key_strength: bool = True):
+                 label_delay: bool = False, key_strength: bool = True):
         super().__init__()
         self.n_way, self.slots, self.width, self.gamma, self.label_delay = n_way, slots, width, gamma, label_delay
         self.embed = embedding
@@ -170,9 +170,10 @@ class MANNConfig:
     """Width of a memory slot, the key size (Santoro et al.: 40)."""
     gamma: float = 0.95
     """Usage decay γ of the least-recently-used access."""
-    support_loss: float = 1.0
+    support_loss: float = 0.0
     """Weight of the cross-entropy of the predictions at the support positions (Santoro et al.
-    train on every time step); 0: the query loss alone."""
+    train on every time step); 0: the query loss alone. Needs ``label_delay`` (otherwise each
+    support prediction sees its own label and the loss teaches copying)."""
     key_strength: bool = True
     """A learned sharpening β of the content read (the NTM's; Santoro et al. use β = 1): see MemoryLearner."""
     label_delay: bool = False
@@ -185,6 +186,9 @@ class MANNConfig:
         in_range("mann.lstm", self.lstm, 1, 100_000), in_range("mann.support_loss", self.support_loss, 0)
         in_range("mann.slots", self.slots, 1, 100_000), in_range("mann.width", self.width, 1, 100_000)
         in_range("mann.gamma", self.gamma, 0, 1)
+        if self.support_loss > 0 and not self.label_delay:
+            raise ConfigError("mann.support_loss > 0 needs mann.label_delay=true (without the delay a support "
+                              "prediction sees its own label); set mann.support_loss=0 or mann.label_delay=true")
 
 
 @algorithm("mann")
