@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from ..functional import params_of
 from ..registry import algorithm
 from ..threads import torch_threads
 from .base import Method
@@ -36,7 +37,7 @@ from .trpo import RLOuterConfig, trpo_outer_step
 def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: AdvantageConfig, outer: RLOuterConfig,
                 seed: int, optimizer=None) -> dict[str, float]:
     """One meta-iteration: sample, adapt, sample again, outer step on θ. Returns diagnostics."""
-    theta = {k: p for k, p in policy.named_parameters()}
+    theta = params_of(policy)  # θ: the trainable tensors (not a policy's fixed context start, CAVIA)
     data, phi_old, timing = collect_adapted(policy, collector, theta, tasks, inner.episodes, adv_cfg, inner.steps, inner.lr,
                                             seed, timesteps=inner.timesteps)
     train, (valid, valid_adv) = data[:-1], data[-1]
@@ -74,11 +75,15 @@ class MAMLTRPO(Method):
 
     def __init__(self, track, cfg):
         super().__init__(track, cfg)
-        self.policy = track._new_policy()
+        self.policy = self.new_policy()
         self.modules[self.name] = self.policy
         if cfg.outer.optimizer == "vpg":
-            self.optimizers[self.name] = torch.optim.Adam(self.policy.parameters(), lr=cfg.outer.lr)
+            self.optimizers[self.name] = torch.optim.Adam(params_of(self.policy).values(), lr=cfg.outer.lr)
         self.collector = track.collector
+
+    def new_policy(self):
+        """A fresh policy of the method's family: θ here, and the track's ``random`` baseline."""
+        return self.problem._new_policy()
 
     def train_step(self, tasks, seed: int) -> dict[str, float]:
         inner = self.cfg.inner

@@ -17,6 +17,10 @@ iteration: ``meta_batch`` trial envs, each reset with a task drawn from the trac
 inner episode ends early), then ``rl2.epochs`` epochs of clipped-ratio updates on minibatches of
 whole sequences (GAE with the track's ``advantages.gamma`` / ``gae_lambda``).
 
+The policy is sb3-contrib's ``MlpLstmPolicy`` with one equivalent, faster sequence pass
+(:class:`metarl.policies.recurrent.TrialLstmPolicy`: sb3-contrib loops over time steps in every
+minibatch that holds an episode start, i.e. always under RL²).
+
 Deviation from the paper: RecurrentPPO's recurrent cell is an LSTM (``nn.LSTM`` is hard-wired in
 sb3-contrib 2.x; the paper used a GRU). Writing a GRU variant would mean re-implementing recurrent
 PPO's sequence minibatching, which sb3-contrib already tests; an LSTM is a strict superset of what
@@ -141,8 +145,9 @@ class RL2(Method):
         self.obs_space, self.act_space = probe.observation_space, probe.action_space
         self.make_trial_env = make
         vec = (SubprocVecEnv if o.vec_env == "subproc" else DummyVecEnv)([make] * cfg.meta_batch)
+        from metarl.policies.recurrent import TrialLstmPolicy
         self.model = sb3c.RecurrentPPO(
-            "MlpLstmPolicy", vec, learning_rate=o.lr, n_steps=K * self.horizon, batch_size=o.minibatch, n_epochs=o.epochs,
+            TrialLstmPolicy, vec, learning_rate=o.lr, n_steps=K * self.horizon, batch_size=o.minibatch, n_epochs=o.epochs,
             gamma=cfg.advantages.gamma, gae_lambda=cfg.advantages.gae_lambda, clip_range=o.clip_range,
             normalize_advantage=cfg.advantages.normalize, ent_coef=o.ent_coef, vf_coef=o.vf_coef,
             max_grad_norm=o.max_grad_norm, policy_kwargs=self._policy_kwargs(), device="cpu", seed=None, verbose=0)

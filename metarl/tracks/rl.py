@@ -148,8 +148,8 @@ class RLTrack(Track):
 
         probe = make_task_env(cfg.env.id, **cfg.env.kwargs)
         self.task_env = find_task_env(probe)  # the TaskEnv may be a wrapper (TaskWrapper), not .unwrapped
-        obs_dim = int(np.prod(probe.observation_space.shape))
-        act_dim = int(np.prod(probe.action_space.shape))
+        self.obs_dim = obs_dim = int(np.prod(probe.observation_space.shape))
+        self.act_dim = act_dim = int(np.prod(probe.action_space.shape))
         mk = lambda: GaussianMLPPolicy(obs_dim, act_dim, cfg.policy.hidden, cfg.policy.activation, cfg.policy.init_std,
                                        init=cfg.policy.init)
         self._new_policy = mk
