@@ -110,12 +110,13 @@ def _sb3():
 
 
 def _horizon(env) -> int:
-    """The inner episodes' step cap (the env's TimeLimit, else its ``horizon``)."""
-    cap = getattr(env.spec, "max_episode_steps", None) if env.spec is not None else None
-    cap = cap or getattr(env.unwrapped, "horizon", None)
-    if not cap:
+    """The inner episodes' step cap: the smaller of the env's TimeLimit and its own ``horizon``."""
+    caps = [getattr(env.spec, "max_episode_steps", None) if env.spec is not None else None,
+            getattr(env.unwrapped, "horizon", None)]
+    caps = [int(c) for c in caps if c]
+    if not caps:
         raise ConfigError("algorithm rl2 needs episodes of bounded length: register the env with max_episode_steps")
-    return int(cap)
+    return min(caps)
 
 
 @algorithm("rl2", kinds=("rl",))
