@@ -169,3 +169,12 @@ def test_rl2_learns_to_exploit_the_first_episode_on_navigation():
     assert gain.mean() > 0.5 and gain.mean() > 3 * gain.std(ddof=1) / np.sqrt(len(gain))
     random_gain = curves["random"][:, 1] - curves["random"][:, 0]
     assert gain.mean() > random_gain.mean() + 0.5
+
+
+def test_without_sb3_contrib_the_cli_names_the_extra(tmp_path):
+    code = ("import sys; sys.modules['sb3_contrib'] = None\n"
+            "from metarl.cli import main\n"
+            f"sys.exit(main(['train', 'experiments/rl2_nav2d.yaml', '--run-dir', {str(tmp_path / 'r')!r}]))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "algorithm: rl2" in p.stderr and "pip install 'torch-metarl[baselines]'" in p.stderr
