@@ -196,6 +196,10 @@ class RL2(Method):
             metrics["return/first_episode"], metrics["return/last_episode"] = float(ret[:, 0].mean()), float(ret[:, -1].mean())
         return metrics
 
+    def close(self) -> None:
+        """Stop the training trial envs (worker processes with ``rl2.vec_env: subproc``)."""
+        self.model.env.close()
+
     def extra_state(self) -> dict:
         return {"num_timesteps": int(self.model.num_timesteps), "n_updates": int(self.model._n_updates)}
 

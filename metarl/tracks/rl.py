@@ -190,6 +190,7 @@ class RLTrack(Track):
 
     def close(self):
         self.collector.close()
+        getattr(self.method, "close", lambda: None)()  # a method's own envs (RL²'s vector env)
 
     def train_step(self, iteration: int, rng: np.random.Generator) -> dict[str, float]:
         tasks = self.task_env.sample_tasks(self.cfg.meta_batch, rng)
