@@ -14,6 +14,8 @@ unmodified model under ``net`` and reuse its own ``forward_tasks``; nothing is c
   maps φ to FiLM parameters (γ, β) (Perez et al. 2018) that scale and shift the block's batch-norm
   output before its ReLU. The paper (and its code, ``classification/models.py``) conditions the
   third of four blocks (``blocks=(2,)``) with 100 context parameters on MiniImageNet.
+- :class:`ContextGaussianPolicy` (meta-RL, sec. 5.3): the Gaussian MLP policy with an
+  :class:`InputContext` mean network, adapted by REINFORCE steps on the context alone.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .gaussian import GaussianMLPPolicy
 
 CONTEXT = "context"
 
@@ -125,3 +129,33 @@ class FiLMContext(nn.Module):
         ctx = torch.zeros(self.context_size, dtype=x.dtype) if context is None else context
         params = {k: v.unsqueeze(0) for k, v in self.named_parameters()}
         return self.forward_tasks({**params, CONTEXT: ctx[None]}, x[None])[0]
+
+
+class ContextGaussianPolicy(GaussianMLPPolicy):
+    """CAVIA's meta-RL policy (Zintgraf et al. 2019 sec. 5.3; the reference code's
+    ``CaviaMLPPolicy``): the Gaussian MLP policy whose mean network takes [s, φ], the state and
+    the task's context, through :class:`InputContext`. θ is the mean network with the context's
+    input columns and ``log_std``; the context itself adapts per task.
+
+    The context every task starts from, φ₀ = 0 (sec. 3.1), is registered as the fixed parameter
+    ``mean.context`` (``requires_grad=False``: no part of θ, :func:`metarl.functional.params_of`
+    leaves it out, no optimizer moves it), so per-task contexts [T, context_size] travel in the
+    params dict under that name through the collector like any stacked parameter. Two attributes
+    tell the shared meta-RL data path (:mod:`metarl.algorithms.meta_rl`) what to do with it:
+    :meth:`task_start` (the entries added to θ at the start of every task) and
+    :attr:`adapt_only` (the inner REINFORCE step adapts these alone).
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, context_size: int, hidden: Sequence[int] = (100, 100),
+                 activation: str = "relu", init_std: float = 1.0, min_std: float = 1e-6, init: str = "torch"):
+        super().__init__(obs_dim, act_dim, hidden, activation, init_std, min_std, init)
+        self.mean = InputContext(self.mean, context_size)
+        if init == "xavier":  # the context's input columns as the rest of the first layer
+            nn.init.xavier_uniform_(self.mean.context_weight)
+        self.mean.context = nn.Parameter(torch.zeros(context_size), requires_grad=False)
+        self.adapt_only = ("mean." + CONTEXT,)
+
+    def task_start(self) -> dict[str, Tensor]:
+        """{"mean.context": φ₀ = 0}, a fresh leaf that requires grad (the inner step differentiates
+        with respect to it; stacked per task with θ)."""
+        return {self.adapt_only[0]: torch.zeros_like(self.mean.context).requires_grad_(True)}

@@ -21,12 +21,16 @@ The engine is MAML's: :func:`metarl.algorithms.maml.meta_backward` and ``adapted
 with ``only=["context"]`` and a zero context in the params dict; θ's tensors pass through
 :func:`metarl.adaptation.adapt` untouched.
 
-Meta-RL (a later issue): the same split fits ``kinds=("rl",)`` by subclassing MAML-TRPO with a
-policy whose mean network is wrapped in :class:`policies.context.InputContext`, and the inner
-REINFORCE step restricted to ``only=["context"]`` (its inner step is ``adapt``'s, which takes
-``only``); the Gaussian policy's ``forward_tasks`` must then pass the context through to its mean
-MLP, and MAML-TRPO's closed-form Fisher-vector products (written for the plain MLP) would fall
-back to the generic double-backprop closures.
+Meta-RL (sec. 5.3; ``algorithm: cavia`` on the RL track, :class:`CAVIATRPO` below): MAML-TRPO's
+data path with a policy that takes the context as an input (:class:`policies.context.
+ContextGaussianPolicy`, the reference code's ``CaviaMLPPolicy``). Per task the context starts at
+zero and takes the inner REINFORCE step(s) alone (``inner.lr``, ``inner.steps``: the RL track's
+inner loop, whose step sizes, evaluation settings and step-size search are the other RL methods'),
+then TRPO updates θ on the post-update episodes, differentiating through the context steps. The
+shared path (:mod:`metarl.algorithms.meta_rl`) reads from the policy what to add to θ
+(``task_start``: the zero context) and what to adapt (``adapt_only``). MAML-TRPO's closed-form
+Fisher products are written for the plain MLP policy (``metarl.fisher.fast_fisher_supported`` is
+false here), so TRPO takes the generic double-backpropagation closures.
 """
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ from ..registry import algorithm
 from ..tasks.batch import TaskBatch
 from .base import Method, Problem, finite
 from .maml import adapted_predictions, meta_backward, query_metrics
-from metarl.policies.context import CONTEXT, FiLMContext, InputContext
+from .maml_trpo import MAMLTRPO
+from metarl.policies.context import CONTEXT, ContextGaussianPolicy, FiLMContext, InputContext
 
 ONLY = (CONTEXT,)
 
@@ -131,3 +136,38 @@ class CAVIA(Method):
 
     def step_sizes(self) -> dict:
         return {"context_lr": self.own.lr, "context_size": self.own.context_size}
+
+
+# ------------------------------------------------------------------------------- meta-RL
+
+@dataclass
+class CAVIARLConfig:
+    """CAVIA's own setting on the RL track (section ``cavia``); its inner step is ``inner.lr`` /
+    ``inner.steps`` as for every RL method."""
+    context_size: int = 5
+    """Context inputs φ of the policy (the paper: 5 on 2D navigation, 50 on the MuJoCo tasks)."""
+
+    def validate(self):
+        from ..config import in_range
+        in_range("cavia.context_size", self.context_size, 1, 100_000)
+
+
+@algorithm("cavia", kinds=("rl",))
+class CAVIATRPO(MAMLTRPO):
+    """CAVIA for meta-RL (Zintgraf et al. 2019 sec. 5.3): MAML-TRPO whose inner REINFORCE step
+    adapts only the policy's context inputs, zero at the start of every task."""
+    Config = CAVIARLConfig
+    defaults = {
+        # the reference code's 2D-navigation settings (lmzintgraf/cavia rl/arguments.py and README):
+        # inner (context) lr 1.0, one step, 20 episodes per task, 20 tasks, 2 x 100 relu, γ 0.95, GAE λ 1
+        "rl": {"cavia": {"context_size": 5}, "inner": {"lr": 1.0, "steps": 1}, "advantages": {"gamma": 0.95}},
+    }
+
+    def new_policy(self) -> ContextGaussianPolicy:
+        """A fresh context policy (θ of this method, and the ``random`` baseline)."""
+        c, t = self.cfg.policy, self.problem
+        return ContextGaussianPolicy(t.obs_dim, t.act_dim, self.own.context_size, c.hidden, c.activation, c.init_std,
+                                     init=c.init)
+
+    def step_sizes(self) -> dict:
+        return {"context_size": self.own.context_size}

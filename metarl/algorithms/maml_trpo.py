@@ -33,6 +33,7 @@ import time
 import torch
 
 from .. import distributed
+from ..functional import params_of
 from ..registry import algorithm
 from ..threads import torch_threads
 from .base import Method
@@ -57,7 +58,7 @@ def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: Advanta
     shard = None if world.size == 1 else (lo, len(tasks))
     reduce = None if world.size == 1 else world.task_mean(hi - lo, len(tasks))
     tasks = tasks[lo:hi]
-    theta = {k: p for k, p in policy.named_parameters()}
+    theta = params_of(policy)  # θ: the trainable tensors (not a policy's fixed context start, CAVIA)
     data, phi_old, timing = collect_adapted(policy, collector, theta, tasks, inner.episodes, adv_cfg, inner.steps, inner.lr,
                                             seed, timesteps=inner.timesteps, shard=shard)
     train, (valid, valid_adv) = data[:-1], data[-1]
@@ -112,11 +113,15 @@ class MAMLTRPO(Method):
 
     def __init__(self, track, cfg):
         super().__init__(track, cfg)
-        self.policy = track._new_policy()
+        self.policy = self.new_policy()
         self.modules[self.name] = self.policy
         if cfg.outer.optimizer in ("vpg", "ppo"):
-            self.optimizers[self.name] = torch.optim.Adam(self.policy.parameters(), lr=cfg.outer.lr)
+            self.optimizers[self.name] = torch.optim.Adam(params_of(self.policy).values(), lr=cfg.outer.lr)
         self.collector = track.collector
+
+    def new_policy(self):
+        """A fresh policy of the method's family: θ here, and the track's ``random`` baseline."""
+        return self.problem._new_policy()
 
     def not_shardable(self):
         if self.cfg.inner.timesteps is not None:

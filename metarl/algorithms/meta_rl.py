@@ -116,6 +116,21 @@ def advantages(episodes, cfg: AdvantageConfig) -> Tensor:
     return normalize_advantages(adv, episodes.mask, reduction=cfg.reduction) if cfg.normalize else adv
 
 
+def task_params(policy, theta: Params) -> Params:
+    """θ plus the entries a policy adds at the start of every task (CAVIA's zero context:
+    ``policy.task_start()``, policies/context.py); θ itself for other policies."""
+    start = getattr(policy, "task_start", None)
+    return {**theta, **start()} if start is not None else dict(theta)
+
+
+def inner_step_of(policy, eps, adv: Tensor, params: Params, lr, first_order: bool = False, reduction: str = "episode",
+                  estimator: str = "reinforce") -> Params:
+    """One inner step (REINFORCE, or ProMP's LVC surrogate) on the entries the policy adapts
+    (``policy.adapt_only``, e.g. CAVIA's context; all of them by default)."""
+    return inner_step(inner_loss(policy, eps, adv, reduction, estimator), params, lr, first_order=first_order,
+                      only=getattr(policy, "adapt_only", None))
+
+
 ESTIMATORS = ("reinforce", "lvc")
 
 
@@ -148,7 +163,7 @@ def adapt_on(policy, params: Params, batches, lr, first_order: bool = False, red
              estimator: str = "reinforce") -> Params:
     """Replay the inner steps on already-collected (episodes, advantages) pairs."""
     for eps, adv in batches:
-        params = inner_step(inner_loss(policy, eps, adv, reduction, estimator), params, lr, first_order=first_order)
+        params = inner_step_of(policy, eps, adv, params, lr, first_order, reduction, estimator)
     return params
 
 
@@ -186,7 +201,7 @@ def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_
 
     Returns ([(episodes, advantages) at θ, φ1, ..., φ_steps], the last φ detached, seconds spent
     sampling and adapting)."""
-    params = stack({k: v.detach() for k, v in theta.items()}, len(tasks))
+    params = stack({k: v.detach() for k, v in task_params(policy, theta).items()}, len(tasks))
     out, lrs = [], step_sizes(lr, steps)
     timing = {"sample": 0.0, "adapt": 0.0}
     for s in range(steps + 1):
@@ -196,7 +211,7 @@ def collect_adapted(policy, collector, theta: Params, tasks, episodes: int, adv_
         adv = advantages(eps, adv_cfg)
         out.append((eps, adv))
         if s < steps:
-            params = inner_step(inner_loss(policy, eps, adv, adv_cfg.reduction), params, lrs[s])
+            params = inner_step_of(policy, eps, adv, params, lrs[s], reduction=adv_cfg.reduction)
         timing["sample"] += t1 - t0
         timing["adapt"] += time.perf_counter() - t1
     return out, params, timing
@@ -218,12 +233,12 @@ def select_step_sizes(policy, collector, theta: Params, tasks, episodes: int, ad
     one-size grid reproduces its curve. Returns (one size per step, the mean
     validation return of every candidate: [steps][len(grid)])."""
     check_step_grid(grid)
-    params = stack({k: v.detach() for k, v in theta.items()}, len(tasks))
+    params = stack({k: v.detach() for k, v in task_params(policy, theta).items()}, len(tasks))
     start = (params, _collect(collector, policy, params, tasks, episodes, timesteps, lockstep, seed * 1000))
 
     def advance(state, lr: float, s: int):
         params, eps = state
-        candidate = inner_step(inner_loss(policy, eps, advantages(eps, adv_cfg), adv_cfg.reduction), params, lr)
+        candidate = inner_step_of(policy, eps, advantages(eps, adv_cfg), params, lr, reduction=adv_cfg.reduction)
         batch = _collect(collector, policy, candidate, tasks, episodes, timesteps, lockstep,
                          seed * 1000 + s + 1)  # common random numbers, as collect_adapted's step s+1
         return (candidate, batch), float(batch.mean_returns().mean())
@@ -241,7 +256,7 @@ def outer_objective(policy, train, valid, valid_adv: Tensor, phi_old: Params, in
         old_mean, old_log_std = policy.forward_tasks(phi_old, valid.obs)
 
     def adapted(p: Params) -> Params:
-        return adapt_on(policy, stack(p, n_tasks), train, inner.lr, inner.first_order, reduction)
+        return adapt_on(policy, stack(task_params(policy, p), n_tasks), train, inner.lr, inner.first_order, reduction)
 
     def surrogate_of(mean, log_std):
         lp = log_prob(mean, log_std, valid.actions)

@@ -151,8 +151,8 @@ class RLTrack(Track):
 
         probe = make_task_env(cfg.env.id, **cfg.env.kwargs)
         self.task_env = find_task_env(probe)  # the TaskEnv may be a wrapper (TaskWrapper), not .unwrapped
-        obs_dim = int(np.prod(probe.observation_space.shape))
-        act_dim = int(np.prod(probe.action_space.shape))
+        self.obs_dim = obs_dim = int(np.prod(probe.observation_space.shape))
+        self.act_dim = act_dim = int(np.prod(probe.action_space.shape))
         mk = lambda: GaussianMLPPolicy(obs_dim, act_dim, cfg.policy.hidden, cfg.policy.activation, cfg.policy.init_std,
                                        init=cfg.policy.init)
         self._new_policy = mk
@@ -161,8 +161,8 @@ class RLTrack(Track):
         self.policy = self.method.policy
         self.modules.update(self.method.modules)
         self.optimizers.update(self.method.optimizers)
-        if "random" in cfg.baselines:
-            self.modules["random"] = mk()
+        if "random" in cfg.baselines:  # a fresh policy of the method's own family (a method may bring one: RL²)
+            self.modules["random"] = getattr(self.method, "new_policy", mk)()
         self.run_dir = None  # set by metarl.training when a run directory is known
 
     # ---- PPO baselines ------------------------------------------------------------------------
@@ -193,6 +193,7 @@ class RLTrack(Track):
 
     def close(self):
         self.collector.close()
+        getattr(self.method, "close", lambda: None)()  # a method's own envs (RL²'s vector env)
 
     def train_step(self, iteration: int, rng: np.random.Generator) -> dict[str, float]:
         tasks = self.task_env.sample_tasks(self.cfg.meta_batch, rng)
@@ -231,6 +232,10 @@ class RLTrack(Track):
         cfg = self.cfg
         if tasks is None:
             tasks = self.task_env.sample_tasks(n_tasks, np.random.default_rng([seed, 1]))
+        if hasattr(self.method, "evaluate_curves"):  # a black-box method (RL²): its own curve, no inner steps
+            curves = self.method.evaluate_curves(dict(self.modules), tasks, steps, seed)
+            curves.update(self._oracle_curve(tasks, seed, steps))
+            return EvalResult("return", True, curves, algorithm=self.method.name, curve_axis=self.method.curve_axis)
         adapted = dict(self.modules)
         if self.run_dir is not None and self.baseline_path("pretrain").exists():
             from .. import rl_baselines as rb
@@ -250,11 +255,7 @@ class RLTrack(Track):
             data, _, _ = collect_adapted(policy, self.collector, params_of(policy), tasks, steps=steps, lr=lr, **batch)
             curves[name] = np.stack([eps.mean_returns().numpy() for eps, _ in data], axis=1)
             data_by_method[name] = data
-        if self.run_dir is not None and self.baseline_path("oracle").exists():
-            from .. import rl_baselines as rb
-            ret = rb.oracle_returns(rb.load_baseline(self.baseline_path("oracle")), cfg.env.id, cfg.env.kwargs, tasks,
-                                    episodes=cfg.inner.eval_episodes or cfg.inner.episodes, seed=seed)
-            curves["oracle"] = np.repeat(np.asarray(ret)[:, None], steps + 1, axis=1)
+        curves.update(self._oracle_curve(tasks, seed, steps))
         result = EvalResult("return", True, curves, step_sizes=chosen, algorithm=self.method.name,
                             curve_axis=self.method.curve_axis)
         maml_data = data_by_method[self.method.name]
@@ -263,6 +264,17 @@ class RLTrack(Track):
         if "forward_velocity" in (maml_data[0][0].infos or {}):
             result.figures["velocity.png"] = lambda path: _velocity_plot(path, tasks, maml_data)
         return result
+
+
+    def _oracle_curve(self, tasks, seed: int, steps: int) -> dict:
+        """{"oracle": [n_tasks, steps + 1]} (flat: it is not adapted) when RUN_DIR/baselines has one."""
+        if self.run_dir is None or not self.baseline_path("oracle").exists():
+            return {}
+        from .. import rl_baselines as rb
+        cfg = self.cfg
+        ret = rb.oracle_returns(rb.load_baseline(self.baseline_path("oracle")), cfg.env.id, cfg.env.kwargs, tasks,
+                                episodes=cfg.inner.eval_episodes or cfg.inner.episodes, seed=seed)
+        return {"oracle": np.repeat(np.asarray(ret)[:, None], steps + 1, axis=1)}
 
 
 def _velocity_plot(path, tasks, data):
