@@ -13,7 +13,9 @@ within each round, then the median over rounds.
 the second-order meta-gradient, so it grows; iMAML's implicit gradient needs only the final φ.
 
 Run: .venv/bin/python benchmarks/family_speed.py [--methods maml fomaml ...] [--rounds 3]
-     [--iterations 3] [--memory-steps 1 5 20 50]
+     [--iterations 3] [--memory-steps 1 5 20 50] [--meta-batch 32]
+(``--methods maml meta_lstm --meta-batch 1``: the LSTM meta-learner at its paper's one episode
+per update, beside MAML at the same meta-batch.)
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def one(name: str, iterations: int, sets: list[str]) -> dict:
     from metarl import config
     from metarl.registry import build_track
 
-    cfg = config.load(CONFIG, [f"algorithm={name}", "meta_batch=32", "baselines=[]", *sets])
+    cfg = config.load(CONFIG, [f"algorithm={name}", "meta_batch=32", "baselines=[]", *sets])  # a --set meta_batch=N wins
     track = build_track(cfg)
     rng = np.random.default_rng(0)
     before = _rss_mb()
@@ -74,6 +76,8 @@ def main():
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--memory-steps", nargs="*", type=int, default=[])
     ap.add_argument("--memory-methods", nargs="+", default=["maml", "imaml"])
+    ap.add_argument("--meta-batch", type=int, default=32,
+                    help="episodes per meta-iteration for every method (e.g. 1: the LSTM meta-learner's own setting)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -89,8 +93,8 @@ def main():
     rows = {m: [] for m in methods}
     for _ in range(args.rounds):
         for m in methods:
-            rows[m].append(run_one(m, args.iterations, []))
-    print(f"Omniglot 5-way 1-shot, meta-batch 32, each method's own defaults; median of {args.rounds} interleaved rounds "
+            rows[m].append(run_one(m, args.iterations, [f"meta_batch={args.meta_batch}"]))
+    print(f"Omniglot 5-way 1-shot, meta-batch {args.meta_batch}, each method's own defaults; median of {args.rounds} interleaved rounds "
           f"of {args.iterations} timed iterations (fresh process each)")
     print(f"{'method':>12} {'s/iter':>8} {'x MAML':>7} {'peak MB':>8}")
     for m in methods:
