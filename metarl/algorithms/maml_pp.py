@@ -105,7 +105,7 @@ class MAMLPPConfig:
     min_lr: float = 1e-5
     """Outer step size at the end of the cosine schedule (paper: 1e-5)."""
     lslr_lr_scale: float = 1.0
-    """The learned step sizes' Adam step is this × the outer step size (1: the paper's one optimizer; sine: 0.1, see defaults)."""
+    """The learned step sizes' Adam step is this × the outer step size (1: the paper's one optimizer for all)."""
     grad_clip: Optional[float] = None
     """Clamp each meta-gradient element to ±grad_clip before the Adam step (the authors' code does for ImageNet; null: off)."""
 
@@ -178,13 +178,12 @@ class PerStep(nn.Module):
 class MAMLPlusPlus(MAML):
     """MAML++ (Antoniou et al. 2019): the module docstring lists its fixes and their switches."""
     Config = MAMLPPConfig
-    # sine (not in the paper): MAML's α, elementwise clipping at 10, and the step sizes learned at
-    # a tenth of the outer rate. Adam moves a parameter by ~outer.lr = 1e-3 per iteration: 1% of
-    # the paper's Omniglot α = 0.1, but 10% of sine's 0.01, so the learned sizes went negative
-    # within 200 iterations and the 5-step trajectory exploded (inf in Adam's state at iteration
-    # 224 unclipped; NaN at 1,537 for K=5 clipped; RESULTS.md, session 8). A tenth restores the
-    # paper's relative rate.
-    defaults = {"sine": {"maml_pp": {"lr": 0.01, "grad_clip": 10.0, "lslr_lr_scale": 0.1}, "inner": {"eval_steps": 10}},
+    # sine (not in the paper): MAML's α and elementwise clipping at 10, without which a 5-step
+    # trajectory under learned step sizes explodes within a few hundred iterations (inf in Adam's
+    # state at iteration 224). Clipping does not stop every explosion of the forward trajectory:
+    # K=5 still stops (non-finite guard) at iteration 1,537, with or without lslr_lr_scale 0.1
+    # (RESULTS.md, session 8).
+    defaults = {"sine": {"maml_pp": {"lr": 0.01, "grad_clip": 10.0}, "inner": {"eval_steps": 10}},
                 "fewshot": {"maml_pp": {"lr": 0.1}, "inner": {"eval_steps": 5}}}
 
     def __init__(self, problem: Problem, cfg):
