@@ -312,7 +312,7 @@ def test_metarl_evaluate_writes_the_maml_pp_curve(tmp_path):
 
 
 def test_config_errors_are_one_line():
-    with pytest.raises(config.ConfigError, match="maml_pp: steps must be >= 1"):
+    with pytest.raises(config.ConfigError, match="'maml_pp.steps' is 0: it must be >= 1"):
         config.from_dict({"track": "sine", "algorithm": "maml_pp", "maml_pp": {"steps": 0}})
     with pytest.raises(config.ConfigError, match="msl_floor"):
         config.from_dict({"track": "sine", "algorithm": "maml_pp", "maml_pp": {"msl_floor": 2}})
