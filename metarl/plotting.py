@@ -119,7 +119,10 @@ def shift_plot(entries: dict[str, dict], path: str | Path, metric: str = "accura
         kind = d["kind"]
         v, m, c = np.asarray(d["values"]), np.asarray(d["mean"]), np.asarray(d["ci95"])
         axis = d.get("curve_axis", "inner steps")
-        at = f"{d['step']} {'support examples per class' if axis != 'inner steps' else 'inner steps'}" if "step" in d else ""
+        if "step" not in d or axis.startswith("closed-form"):
+            at = "closed-form head" if axis.startswith("closed-form") else ""
+        else:  # "3 inner steps", "1 support examples per class seen", "12 meta-learner (LSTM) updates"
+            at = f"{d['step']} {axis}"
         line, = ax.plot(v, m, marker="o", ms=3, label=f"{label} ({at})" if at else label)
         ax.fill_between(v, m - c, m + c, color=line.get_color(), alpha=0.2)
     ax.set_xlabel(f"{kind} factor of the test episodes (support and query)")
