@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def run(*args, check=True):
     p = subprocess.run([sys.executable, "-m", "metarl.cli", *args], capture_output=True, text=True, timeout=300)
@@ -34,6 +36,7 @@ def test_train_evaluate_plot(tmp_path):
     assert out.stat().st_size > 0
 
 
+@pytest.mark.slow  # CI budget (15 min on 2 cores): run by `make test-slow` / .ci/slow
 def test_snapshots_evaluate_an_earlier_iteration(tmp_path):
     rd = tmp_path / "run"
     run("train", "experiments/sine_quick.yaml", "--set", "iterations=40", "--set", "snapshot_every=20", "--run-dir", str(rd))

@@ -207,6 +207,7 @@ def test_resume_is_bitwise_identical(tmp_path):
             assert all(torch.equal(sa[i][f], sb[i][f]) for f in sa[i]), (k, i)
 
 
+@pytest.mark.slow  # CI budget (15 min on 2 cores): run by `make test-slow` / .ci/slow
 def test_short_omniglot_run_clearly_beats_chance(tmp_path, monkeypatch, cache):
     monkeypatch.setenv("METARL_CACHE", cache)
     cfg = config.load("experiments/imaml_omniglot_5w1s.yaml", [

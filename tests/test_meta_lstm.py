@@ -174,6 +174,7 @@ def omniglot_overrides(iterations):
             "log_every=10", "eval.steps=4"]
 
 
+@pytest.mark.slow  # CI budget (15 min on 2 cores): run by `make test-slow` / .ci/slow
 def test_short_omniglot_run_clearly_beats_chance(tmp_path, monkeypatch, cache):
     monkeypatch.setenv("METARL_CACHE", cache)
     cfg = config.load("experiments/omniglot_5w1s.yaml", omniglot_overrides(60))

@@ -82,6 +82,7 @@ def test_parse_shift_errors_are_one_line():
             evaluation.parse_shift(bad)
 
 
+@pytest.mark.slow  # CI budget (15 min on 2 cores): run by `make test-slow` / .ci/slow
 def test_evaluate_and_compare_with_shift(tmp_path):
     """`metarl evaluate RUN --shift shear=...` writes the shift entry and shift.png for a gradient
     method and a black box; `metarl compare A B --shift` overlays them."""
