@@ -181,7 +181,7 @@ def test_only_other_than_head_is_refused():
 
 @pytest.mark.slow
 def test_a_few_hundred_iterations_beat_the_pretrain_baseline(tmp_path):
-    cfg = config.load("experiments/anil_sine.yaml", ["iterations=600", "checkpoint_every=600", "log_every=100"])
+    cfg = config.load("experiments/anil_sine.yaml", ["iterations=1500", "checkpoint_every=1500", "log_every=100"])
     train(cfg, tmp_path, tensorboard=False)
     track, _, _ = load_track(tmp_path)
     res = track.evaluate(200, 10, seed=7)

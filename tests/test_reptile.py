@@ -170,7 +170,7 @@ def cache(tmp_path_factory):
 def test_short_omniglot_run_clearly_beats_chance(tmp_path, monkeypatch, cache):
     monkeypatch.setenv("METARL_CACHE", cache)
     cfg = config.load("experiments/reptile_omniglot_5w1s.yaml", [
-        "iterations=40", "meta_batch=4", "checkpoint_every=40", "log_every=20", "model.hidden=16", "baselines=[]"])
+        "iterations=150", "meta_batch=5", "checkpoint_every=150", "log_every=20", "model.hidden=16", "baselines=[]"])
     train(cfg, tmp_path, tensorboard=False)
     track, _, _ = load_track(tmp_path, ["episode.q_query=1"])
     res = track.evaluate(100, 10, seed=11)
