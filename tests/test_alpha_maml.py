@@ -2,15 +2,13 @@
 the post-update query loss, the α and β updates against the hypergradient-descent formulas by
 hand, zero hyper-learning-rates = MAML bitwise, bitwise resume with α and β, learning, CLI."""
 import csv
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
 
+from tests.checks import resume_round_trip, cli_train_and_evaluate
 from metarl import config
 from metarl.algorithms.alpha_maml import AlphaMAML
 from metarl.algorithms.base import Problem
@@ -142,18 +140,8 @@ def test_zero_hyper_learning_rates_are_maml_bitwise(tmp_path):
 def test_resume_is_bitwise_identical_with_step_sizes_restored(tmp_path, rule):
     own = {"outer_rule": rule, "inner_hyper_lr": 1e-4, "outer_hyper_lr": 1e-7 if rule == "adam_hd" else 1e-4}
     extra = {"outer": {"lr": 0.01}} if rule == "sgd_hd" else {}
-    full = train(sine_cfg(alpha_maml=own, **extra), tmp_path / "full", tensorboard=False)
-    train(sine_cfg(iterations=20, alpha_maml=own, **extra), tmp_path / "split", tensorboard=False)
-    resumed = train(sine_cfg(alpha_maml=own, **extra), tmp_path / "split", resume=True, tensorboard=False)
-    a, b = params(full), params(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    sa, sb = full.optimizers["alpha_maml"].state_dict(), resumed.optimizers["alpha_maml"].state_dict()
-    assert sa["param_groups"][0]["lr"] == sb["param_groups"][0]["lr"]
-    for i in sa["state"]:
-        for name, v in sa["state"][i].items():
-            assert torch.equal(v, sb["state"][i][name]), (i, name)
+    full, resumed = resume_round_trip(lambda n: sine_cfg(iterations=n, alpha_maml=own, **extra), tmp_path,
+                                      sine_cfg().iterations, 20)
     fm, rm = full.method, resumed.method
     assert fm.inner_lr == rm.inner_lr and fm.outer_lr == rm.outer_lr
     assert fm.inner_lr != 0.01 and fm.outer_lr != full.cfg.outer.lr  # they did move
@@ -198,14 +186,8 @@ def test_short_omniglot_run_clearly_beats_chance(tmp_path, monkeypatch, cache):
 
 def test_cli_evaluate_writes_the_alpha_maml_curve(tmp_path):
     rd = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "train", "experiments/alpha_maml_sine.yaml", "--run-dir", str(rd),
-                        "--set", "iterations=4", "--set", "checkpoint_every=4", "--set", "baselines=[oracle]"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks", "10", "--steps", "2"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    out = json.loads((rd / "eval" / "adaptation.json").read_text())
+    out = cli_train_and_evaluate("experiments/alpha_maml_sine.yaml", rd, ["iterations=4", "checkpoint_every=4", "baselines=[oracle]"],
+                                 ["--tasks", "10", "--steps", "2"])
     assert out["algorithm"] == "alpha_maml" and set(out["methods"]) == {"alpha_maml", "oracle"}
     assert len(out["methods"]["alpha_maml"]["mean"]) == 3
     track, _, _ = load_track(rd)

@@ -1,14 +1,12 @@
 """ANIL (Raghu et al. 2020): the fast path (features once, head-only inner loop) equals MAML with
 ``only=head`` on the full network, its meta-gradient matches central finite differences, the
 inner loop touches only the head; plus the seam (resume, evaluate, learning)."""
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from tests.checks import resume_round_trip, cli_train_and_evaluate
 from metarl import config
 from metarl.algorithms import anil as anil_mod
 from metarl.algorithms.anil import head_query_predictions
@@ -131,19 +129,7 @@ def sine_cfg(**extra):
 
 
 def test_resume_is_bitwise_identical(tmp_path):
-    full = train(sine_cfg(iterations=12), tmp_path / "full", tensorboard=False)
-    train(sine_cfg(iterations=6), tmp_path / "split", tensorboard=False)
-    resumed = train(sine_cfg(iterations=12), tmp_path / "split", resume=True, tensorboard=False)
-    for name, module in full.modules.items():
-        other = dict(resumed.modules[name].named_parameters())
-        for k, p in module.named_parameters():
-            assert torch.equal(p, other[k]), (name, k)
-    for name, opt in full.optimizers.items():
-        sa, sb = opt.state_dict()["state"], resumed.optimizers[name].state_dict()["state"]
-        assert sa.keys() == sb.keys() and len(sa) > 0
-        for i in sa:
-            for key in sa[i]:
-                assert torch.equal(sa[i][key], sb[i][key]), (name, i, key)
+    resume_round_trip(lambda n: sine_cfg(iterations=n), tmp_path, 12, 6)
 
 
 def test_predict_equals_full_network_head_adaptation(float64):
@@ -160,15 +146,8 @@ def test_predict_equals_full_network_head_adaptation(float64):
 
 
 def test_cli_evaluate_writes_anil_curve(tmp_path):
-    rd = tmp_path / "run"
     sets = ["algorithm=anil", "iterations=4", "meta_batch=2", "model.hidden=[8,8]", "baselines=[oracle]", "checkpoint_every=4"]
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "train", "experiments/anil_sine.yaml", "--run-dir", str(rd),
-                        *sum((["--set", s] for s in sets), [])], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks", "5", "--steps", "3"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    out = json.loads((rd / "eval" / "adaptation.json").read_text())
+    out = cli_train_and_evaluate("experiments/anil_sine.yaml", tmp_path / "run", sets, ["--tasks", "5", "--steps", "3"])
     assert out["algorithm"] == "anil" and out["steps"] == [0, 1, 2, 3]
     assert set(out["methods"]) == {"anil", "oracle"} and len(out["methods"]["anil"]["mean"]) == 4
 

@@ -1,13 +1,11 @@
 """CAVIA (Zintgraf et al. 2019): only the context adapts, from zero for every task; the meta-gradient
 w.r.t. θ matches central finite differences (float64); short runs learn; resume and evaluate."""
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from tests.checks import resume_round_trip, cli_train_and_evaluate
 from metarl import config
 from metarl.adaptation import adapt
 from metarl.algorithms.base import Problem
@@ -139,18 +137,8 @@ def sine_cfg(**extra):
 
 
 def test_resume_is_bitwise_identical(tmp_path):
-    full = train(sine_cfg(), tmp_path / "full", tensorboard=False)
-    train(sine_cfg(iterations=10), tmp_path / "split", tensorboard=False)
-    resumed = train(sine_cfg(), tmp_path / "split", resume=True, tensorboard=False)
-    assert full.modules.keys() == resumed.modules.keys() and "cavia" in full.modules
-    for k in full.modules:
-        a, b = full.modules[k].state_dict(), resumed.modules[k].state_dict()
-        assert all(torch.equal(a[n], b[n]) for n in a), k
-    for k in full.optimizers:
-        sa, sb = full.optimizers[k].state_dict()["state"], resumed.optimizers[k].state_dict()["state"]
-        assert sa.keys() == sb.keys() and sa
-        for i in sa:
-            assert all(torch.equal(sa[i][f], sb[i][f]) for f in sa[i]), (k, i)
+    full, _ = resume_round_trip(lambda n: sine_cfg(iterations=n), tmp_path, sine_cfg().iterations, 10)
+    assert "cavia" in full.modules
 
 
 def test_a_few_hundred_iterations_beat_the_pretrain_baseline(tmp_path):
@@ -190,16 +178,9 @@ def test_method_settings_apply_to_the_omniglot_config():
 
 
 def test_cli_evaluate_writes_the_cavia_curve(tmp_path):
-    rd = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "train", "experiments/cavia_sine.yaml", "--run-dir", str(rd),
-                        "--set", "iterations=5", "--set", "checkpoint_every=5", "--set", "meta_batch=4",
-                        "--set", "baselines=[oracle]"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks", "10", "--steps", "3"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    out = json.loads((rd / "eval" / "adaptation.json").read_text())
+    out = cli_train_and_evaluate("experiments/cavia_sine.yaml", tmp_path / "run",
+                                 ["iterations=5", "checkpoint_every=5", "meta_batch=4", "baselines=[oracle]"],
+                                 ["--tasks", "10", "--steps", "3"])
     assert out["algorithm"] == "cavia" and out["steps"] == [0, 1, 2, 3]
     assert len(out["methods"]["cavia"]["mean"]) == 4 and "oracle" in out["methods"]
     assert out["step_sizes"]["cavia"] == {"context_lr": 1.0, "context_size": 5}

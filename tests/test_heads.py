@@ -1,15 +1,13 @@
 """The contract of the closed-form and metric heads (protonet, r2d2, metaoptnet) on the few-shot
 track: a short Omniglot run beats chance, resume is bitwise, `metarl evaluate` writes their flat
 curve, training episodes may have more ways, other datasets' configs run, sine is refused."""
-import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 
+from tests.checks import resume_round_trip, cli_train_and_evaluate
 from metarl import config
 from metarl.config import ConfigError
 from metarl.training import load_track, train
@@ -53,33 +51,16 @@ def test_short_omniglot_run_clearly_beats_chance(name, tmp_path, monkeypatch, ca
 @pytest.mark.parametrize("name", HEADS)
 def test_resume_is_bitwise_identical(name, tmp_path, monkeypatch, cache):
     monkeypatch.setenv("METARL_CACHE", cache)
-    full = train(tiny(name, "iterations=4", "meta_batch=2", "checkpoint_every=2"), tmp_path / "full", tensorboard=False)
-    train(tiny(name, "iterations=2", "meta_batch=2", "checkpoint_every=2"), tmp_path / "split", tensorboard=False)
-    resumed = train(tiny(name, "iterations=4", "meta_batch=2", "checkpoint_every=2"), tmp_path / "split", resume=True, tensorboard=False)
-    assert set(full.modules) == set(resumed.modules) and (name == "protonet") == (f"{name}.head" not in full.modules)
-    for key, module in full.modules.items():
-        for (n, a), (_, b) in zip(module.named_parameters(), resumed.modules[key].named_parameters()):
-            assert torch.equal(a, b), (key, n)
-    sa, sb = full.optimizers[name].state_dict(), resumed.optimizers[name].state_dict()
-    assert sa["state"].keys() == sb["state"].keys() and len(sa["state"]) > 0
-    for i in sa["state"]:
-        for k in sa["state"][i]:
-            assert torch.equal(sa["state"][i][k], sb["state"][i][k]), (i, k)
+    full, _ = resume_round_trip(lambda n: tiny(name, f"iterations={n}", "meta_batch=2", "checkpoint_every=2"), tmp_path, 4, 2)
+    assert (name == "protonet") == (f"{name}.head" not in full.modules)
 
 
 @pytest.mark.parametrize("name", HEADS)
 def test_metarl_evaluate_writes_the_contract(name, tmp_path, cache):
-    rd = tmp_path / "run"
-    env = {**os.environ, "METARL_CACHE": cache}
     own = {"protonet": ["protonet.train_way=5"], "r2d2": ["r2d2.train_way=5"], "metaoptnet": ["metaoptnet.train_shot=2"]}[name]
-    sets = [f"--set={s}" for s in TINY + own + ["iterations=2", "meta_batch=2", "checkpoint_every=2", "eval.tasks=10"]]
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "train", f"experiments/{name}_omniglot_5w1s.yaml", "--run-dir", str(rd), *sets],
-                       capture_output=True, text=True, timeout=600, env=env)
-    assert p.returncode == 0, p.stderr
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks", "10", "--steps", "2"],
-                       capture_output=True, text=True, timeout=600, env=env)
-    assert p.returncode == 0, p.stderr
-    out = json.loads((rd / "eval" / "adaptation.json").read_text())
+    out = cli_train_and_evaluate(f"experiments/{name}_omniglot_5w1s.yaml", tmp_path / "run",
+                                 TINY + own + ["iterations=2", "meta_batch=2", "checkpoint_every=2", "eval.tasks=10"],
+                                 ["--tasks", "10", "--steps", "2"], env={"METARL_CACHE": cache})
     assert out["algorithm"] == name and out["curve_axis"] == "closed-form head (no inner steps)"
     assert out["steps"] == [0, 1, 2] and len(set(out["methods"][name]["mean"])) == 1
 

@@ -1,14 +1,12 @@
 """iMAML (Rajeswaran et al. 2019): the implicit gradient against the closed form of a quadratic
 task and against the unrolled gradient as the inner problem converges (float64); batched CG
 equals per-task CG; the inner loop keeps no graph; short runs learn; resume and evaluate."""
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from tests.checks import resume_round_trip, cli_train_and_evaluate
 from metarl import config
 from metarl.adaptation import adapt
 from metarl.algorithms.base import Problem
@@ -193,18 +191,8 @@ def sine_cfg(**extra):
 
 
 def test_resume_is_bitwise_identical(tmp_path):
-    full = train(sine_cfg(), tmp_path / "full", tensorboard=False)
-    train(sine_cfg(iterations=6), tmp_path / "split", tensorboard=False)
-    resumed = train(sine_cfg(), tmp_path / "split", resume=True, tensorboard=False)
+    full, _ = resume_round_trip(lambda n: sine_cfg(iterations=n), tmp_path, sine_cfg().iterations, 6)
     assert "imaml" in full.modules
-    for k in full.modules:
-        a, b = full.modules[k].state_dict(), resumed.modules[k].state_dict()
-        assert all(torch.equal(a[n], b[n]) for n in a), k
-    for k in full.optimizers:
-        sa, sb = full.optimizers[k].state_dict()["state"], resumed.optimizers[k].state_dict()["state"]
-        assert sa.keys() == sb.keys() and sa
-        for i in sa:
-            assert all(torch.equal(sa[i][f], sb[i][f]) for f in sa[i]), (k, i)
 
 
 @pytest.mark.slow  # CI budget (15 min on 2 cores): run by `make test-slow` / .ci/slow
@@ -226,16 +214,9 @@ def test_short_omniglot_run_clearly_beats_chance(tmp_path, monkeypatch, cache):
 
 
 def test_cli_evaluate_writes_the_imaml_curve(tmp_path):
-    rd = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "train", "experiments/imaml_sine.yaml", "--run-dir", str(rd),
-                        "--set", "iterations=4", "--set", "checkpoint_every=4", "--set", "meta_batch=4",
-                        "--set", "baselines=[oracle]"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks", "10", "--steps", "3"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    out = json.loads((rd / "eval" / "adaptation.json").read_text())
+    out = cli_train_and_evaluate("experiments/imaml_sine.yaml", tmp_path / "run",
+                                 ["iterations=4", "checkpoint_every=4", "meta_batch=4", "baselines=[oracle]"],
+                                 ["--tasks", "10", "--steps", "3"])
     assert out["algorithm"] == "imaml" and out["steps"] == [0, 1, 2, 3]
     assert len(out["methods"]["imaml"]["mean"]) == 4 and "oracle" in out["methods"]
     assert out["step_sizes"]["imaml"]["lam"] == config.load("experiments/imaml_sine.yaml").imaml.lam

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.checks import resume_round_trip, cli_train_and_evaluate
 from metarl import config
 from metarl.adaptation import adapt
 from metarl.algorithms.base import Problem
@@ -192,33 +193,15 @@ def test_resume_is_bitwise_identical(tmp_path, monkeypatch, cache):
     monkeypatch.setenv("METARL_CACHE", cache)
     sets = lambda n: ["algorithm=meta_lstm", f"iterations={n}", "meta_batch=3", "model.hidden=8", "episode.q_query=1",
                       "meta_lstm.updates=2", "meta_lstm.task_chunk=2", "pretrain.batch_size=8", "checkpoint_every=100"]
-    full = train(config.load("experiments/omniglot_5w1s.yaml", sets(6)), tmp_path / "full", tensorboard=False)
-    train(config.load("experiments/omniglot_5w1s.yaml", sets(3)), tmp_path / "split", tensorboard=False)
-    resumed = train(config.load("experiments/omniglot_5w1s.yaml", sets(6)), tmp_path / "split", resume=True, tensorboard=False)
+    full, _ = resume_round_trip(lambda n: config.load("experiments/omniglot_5w1s.yaml", sets(n)), tmp_path, 6, 3)
     assert set(full.modules) == {"meta_lstm", "meta_lstm.lstm"}  # the pretrain baseline trains after meta-training
-    for key in full.modules:
-        a, b = full.modules[key].state_dict(), resumed.modules[key].state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
-    for key in full.optimizers:
-        sa, sb = full.optimizers[key].state_dict()["state"], resumed.optimizers[key].state_dict()["state"]
-        assert sa.keys() == sb.keys() and len(sa) > 0
-        for i in sa:
-            for name, v in sa[i].items():
-                assert torch.equal(v, sb[i][name]), (key, i, name)
 
 
 def test_metarl_evaluate_writes_the_contract(tmp_path, cache):
-    rd = tmp_path / "run"
-    env = {**os.environ, "METARL_CACHE": cache}
-    sets = [a for s in ["iterations=2", "meta_batch=2", "model.hidden=8", "baselines=[]", "episode.q_query=1",
-                        "checkpoint_every=2", "meta_lstm.updates=2"] for a in ("--set", s)]
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "train", "experiments/meta_lstm_omniglot_5w1s.yaml",
-                        "--run-dir", str(rd), *sets], capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stderr
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks", "6", "--steps", "3"],
-                       capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stderr
-    out = json.loads((rd / "eval" / "adaptation.json").read_text())
+    sets = ["iterations=2", "meta_batch=2", "model.hidden=8", "baselines=[]", "episode.q_query=1", "checkpoint_every=2",
+            "meta_lstm.updates=2"]
+    out = cli_train_and_evaluate("experiments/meta_lstm_omniglot_5w1s.yaml", tmp_path / "run", sets,
+                                 ["--tasks", "6", "--steps", "3"], env={"METARL_CACHE": cache})
     assert out["algorithm"] == "meta_lstm" and out["curve_axis"] == "meta-learner (LSTM) updates"
     assert out["steps"] == [0, 1, 2, 3] and set(out["methods"]) == {"meta_lstm"} and out["n_tasks"] == 6
     assert len(out["methods"]["meta_lstm"]["mean"]) == 4

@@ -1,15 +1,13 @@
 """Meta-SGD (Li et al. 2017): the meta-gradient w.r.t. θ and α against central finite differences,
 α through checkpoints and resume, evaluation with the learned α against a hand-unrolled loop,
 learning on sine and Omniglot, and `metarl evaluate`."""
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
 
+from tests.checks import resume_round_trip, cli_train_and_evaluate
 from metarl import config
 from metarl.algorithms.base import Problem
 from metarl.algorithms.meta_sgd import MetaSGD
@@ -141,19 +139,8 @@ def params(track):
 
 
 def test_resume_is_bitwise_identical_and_alpha_round_trips(tmp_path):
-    full = train(sine_cfg(), tmp_path / "full", tensorboard=False)
-    train(sine_cfg(iterations=20), tmp_path / "split", tensorboard=False)
-    resumed = train(sine_cfg(), tmp_path / "split", resume=True, tensorboard=False)
-    a, b = params(full), params(resumed)
-    assert any(k.startswith("meta_sgd.lrs.") for k in a) and a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    for key in ("meta_sgd", "meta_sgd.lrs"):
-        sa, sb = full.optimizers[key].state_dict()["state"], resumed.optimizers[key].state_dict()["state"]
-        assert sa.keys() == sb.keys()
-        for i in sa:
-            for name in ("exp_avg", "exp_avg_sq", "step"):
-                assert torch.equal(sa[i][name], sb[i][name]), (key, i, name)
+    full, _ = resume_round_trip(lambda n: sine_cfg(iterations=n), tmp_path, sine_cfg().iterations, 20)
+    assert {"meta_sgd", "meta_sgd.lrs"} <= set(full.optimizers) and any(k.startswith("meta_sgd.lrs.") for k in params(full))
     # α in the checkpoint file is the trained α, and loading it restores it bitwise
     loaded, _, _ = load_track(tmp_path / "split")
     for n, x in full.method.lrs.as_dict().items():
@@ -192,13 +179,8 @@ def test_short_omniglot_run_clearly_beats_chance(tmp_path, monkeypatch, cache):
 
 def test_cli_evaluate_writes_the_meta_sgd_curve(tmp_path):
     rd = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "train", "experiments/meta_sgd_sine.yaml", "--run-dir", str(rd),
-                        "--set", "iterations=4", "--set", "checkpoint_every=4", "--set", "baselines=[oracle]"], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks", "10", "--steps", "2"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    out = json.loads((rd / "eval" / "adaptation.json").read_text())
+    out = cli_train_and_evaluate("experiments/meta_sgd_sine.yaml", rd, ["iterations=4", "checkpoint_every=4", "baselines=[oracle]"],
+                                 ["--tasks", "10", "--steps", "2"])
     assert out["algorithm"] == "meta_sgd" and set(out["methods"]) == {"meta_sgd", "oracle"}
     assert len(out["methods"]["meta_sgd"]["mean"]) == 3
     alpha = out["step_sizes"]["meta_sgd"]["alpha"]

@@ -1,14 +1,12 @@
 """Reptile (Nichol et al. 2018) against its definition: hand-unrolled inner Adam / SGD and the
 interpolation θ + ε·mean(φ − θ), the annealed ε, serial vs batched, and the seam (resume,
 evaluate, learning on sine and Omniglot)."""
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from tests.checks import resume_round_trip, cli_train_and_evaluate
 from metarl import config
 from metarl.algorithms.reptile import adam_step, minibatch_indices
 from metarl.tasks.batch import TaskBatch
@@ -131,19 +129,7 @@ def test_serial_and_batched(float64):
 
 def test_resume_is_bitwise_identical(tmp_path):
     extra = {"reptile": {"anneal_over": 12, "batch_size": 4}, "baselines": ["pretrain"], "checkpoint_every": 100}
-    full = train(sine_cfg(iterations=12, **extra), tmp_path / "full", tensorboard=False)
-    train(sine_cfg(iterations=6, **extra), tmp_path / "split", tensorboard=False)
-    resumed = train(sine_cfg(iterations=12, **extra), tmp_path / "split", resume=True, tensorboard=False)
-    for name, module in full.modules.items():
-        other = dict(resumed.modules[name].named_parameters())
-        for k, p in module.named_parameters():
-            assert torch.equal(p, other[k]), (name, k)
-    for name, opt in full.optimizers.items():
-        sa, sb = opt.state_dict()["state"], resumed.optimizers[name].state_dict()["state"]
-        assert sa.keys() == sb.keys()
-        for i in sa:
-            for key in sa[i]:
-                assert torch.equal(sa[i][key], sb[i][key]), (name, i, key)
+    resume_round_trip(lambda n: sine_cfg(iterations=n, **extra), tmp_path, 12, 6)
 
 
 @pytest.mark.slow
@@ -182,15 +168,8 @@ def test_short_omniglot_run_clearly_beats_chance(tmp_path, monkeypatch, cache):
 
 
 def test_cli_evaluate_writes_reptile_curve(tmp_path):
-    rd = tmp_path / "run"
     sets = ["iterations=4", "meta_batch=2", "model.hidden=[8,8]", "baselines=[oracle]", "checkpoint_every=4"]
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "train", "experiments/reptile_sine.yaml", "--run-dir", str(rd),
-                        *sum((["--set", s] for s in sets), [])], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks", "5", "--steps", "3"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    out = json.loads((rd / "eval" / "adaptation.json").read_text())
+    out = cli_train_and_evaluate("experiments/reptile_sine.yaml", tmp_path / "run", sets, ["--tasks", "5", "--steps", "3"])
     assert out["algorithm"] == "reptile" and out["steps"] == [0, 1, 2, 3]
     assert set(out["methods"]) == {"reptile", "oracle"} and len(out["methods"]["reptile"]["mean"]) == 4
     assert out["step_sizes"]["reptile"]["inner_optimizer"] == "sgd"

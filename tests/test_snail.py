@@ -1,14 +1,12 @@
 """SNAIL (Mishra et al. 2018) against hand computations: causal attention and dense blocks by
 explicit loops, causality of the whole learner (no position sees a later one, no query sees another),
 the shot-major support curve, learning on Omniglot, bitwise resume and the `metarl evaluate` contract."""
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from tests.checks import resume_round_trip, cli_train_and_evaluate
 from metarl import config
 from metarl.algorithms.blackbox import shot_major_order, take
 from metarl.algorithms.snail import AttentionBlock, DenseBlock, SNAILNet, TCBlock
@@ -139,32 +137,13 @@ def test_short_omniglot_run_beats_chance(tmp_path, monkeypatch, cache):
 def test_resume_is_bitwise_identical(tmp_path, monkeypatch, cache):
     monkeypatch.setenv("METARL_CACHE", cache)
     extra = ["meta_batch=2", "checkpoint_every=100", "log_every=2"]
-    full = train(omniglot(extra + ["iterations=4"]), tmp_path / "full", tensorboard=False)
-    train(omniglot(extra + ["iterations=2"]), tmp_path / "split", tensorboard=False)
-    resumed = train(omniglot(extra + ["iterations=4"]), tmp_path / "split", resume=True, tensorboard=False)
-    for name, module in full.modules.items():
-        other = dict(resumed.modules[name].named_parameters())
-        for k, p in module.named_parameters():
-            assert torch.equal(p, other[k]), (name, k)
-    for name, opt in full.optimizers.items():
-        sa, sb = opt.state_dict()["state"], resumed.optimizers[name].state_dict()["state"]
-        assert sa.keys() == sb.keys() and sa
-        for i in sa:
-            for key in sa[i]:
-                assert torch.equal(sa[i][key], sb[i][key]), (name, i, key)
+    resume_round_trip(lambda n: omniglot(extra + [f"iterations={n}"]), tmp_path, 4, 2)
 
 
 def test_evaluate_writes_the_contract(tmp_path, cache):
-    env = {**__import__("os").environ, "METARL_CACHE": cache}
     rd = tmp_path / "run"
-    sets = [a for s in TINY + ["iterations=2", "meta_batch=2", "checkpoint_every=2"] for a in ("--set", s)]
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "train", "experiments/snail_omniglot_5w1s.yaml", "--run-dir", str(rd), *sets],
-                       capture_output=True, text=True, timeout=600, env=env)
-    assert p.returncode == 0, p.stderr
-    p = subprocess.run([sys.executable, "-m", "metarl.cli", "evaluate", str(rd), "--tasks", "6"],
-                       capture_output=True, text=True, timeout=600, env=env)
-    assert p.returncode == 0, p.stderr
-    out = json.loads((rd / "eval" / "adaptation.json").read_text())
+    out = cli_train_and_evaluate("experiments/snail_omniglot_5w1s.yaml", rd, TINY + ["iterations=2", "meta_batch=2", "checkpoint_every=2"],
+                                 ["--tasks", "6"], env={"METARL_CACHE": cache})
     assert out["algorithm"] == "snail" and "snail" in out["methods"] and out["steps"] == [0, 1]
     assert out["curve_axis"] == "support examples per class seen" and len(out["methods"]["snail"]["mean"]) == 2
     assert (rd / "eval" / "adaptation.png").exists()

@@ -178,8 +178,9 @@ class MAMLPlusPlus(MAML):
     # sine (not in the paper): MAML's α and elementwise clipping at 10, without which a 5-step
     # trajectory under learned step sizes explodes within a few hundred iterations (inf in Adam's
     # state at iteration 224). Clipping does not stop every explosion of the forward trajectory:
-    # K=5 still stops (non-finite guard) at iteration 1,537, also with the step sizes learned at a tenth of the outer rate
-    # (RESULTS.md, session 8).
+    # K=5 seed 0 still stops (non-finite guard) at iteration 1,537: by then LSLR has learned negative sizes (ascent
+    # directions, which the paper allows) on some biases, and one rare task's trajectory runs away; seed 1 runs
+    # through (RESULTS.md, session 9).
     defaults = {"sine": {"maml_pp": {"lr": 0.01, "grad_clip": 10.0}, "inner": {"eval_steps": 10}},
                 "fewshot": {"maml_pp": {"lr": 0.1}, "inner": {"eval_steps": 5}}}
 
