@@ -26,7 +26,7 @@ support examples per class seen (``blackbox.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,22 +79,33 @@ def lrua_step(memory: Tensor, read_prev: Tensor, usage_prev: Tensor, least_prev:
               gamma: float, strength: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One least-recently-used-access step (Santoro et al. 2016, sec. 3.2, eqs. 4-8), batched over
     tasks: memory [T, slots, width]; previous read / usage / least-used weights [T, slots]; the
-    controller's key [T, width], write-gate logit [T, 1] and key strength β [T, 1] (or 1). Returns (memory, read weights, usage,
-    least-used weights, read vector).
+    controller's key [T, width], write-gate logit [T, 1] and key strength β [T, 1] (or 1). Returns
+    (memory after the write, read weights, usage, least-used weights, read vector).
 
+    w^r = softmax_i β cos(k_t, M_{t−1}(i)),  r_t = Σ_i w^r(i) M_{t−1}(i)   (read before this write; Santoro et al.: β = 1)
     w^w = σ(α) w^r_{t−1} + (1 − σ(α)) w^lu_{t−1}   (write to the slot just read, or to the least used)
     M_t = M_{t−1} ⊙ (1 − w^lu_{t−1}) + w^w ⊗ k_t  (the least-used slot is cleared first)
-    w^r = softmax_i β cos(k_t, M_t(i)),  r_t = Σ_i w^r(i) M_t(i)   (Santoro et al.: β = 1)
     w^u = γ w^u_{t−1} + w^r + w^w,  w^lu = one-hot of the least-used slot (one read head; ties go
-    to the first slot, so an empty memory fills slot by slot)."""
+    to the first slot, so an empty memory fills slot by slot).
+
+    Why the read addresses M_{t−1}: the key k_t is also the vector written (one vector, not the
+    paper's separate key and add vectors), so reading M_t would find cos(k_t, M_t(write slot)) ≈ 1
+    and hand back what this step just stored, carrying nothing from earlier steps; the learner then
+    stays at chance. The paper leaves the order open (it writes "M_t" in the read equation but
+    states the write first); snowkylin/ntm's ``mann_cell.py`` addresses the previous memory
+    (``read_head_addressing(k, prev_M)``), while tristandeleu/ntm-one-shot reads M_t but writes a
+    separate add vector a_t. Here the read sees everything stored up to step t − 1 and this
+    step's write is visible from step t + 1 on (a query, one step after the support set, reads all
+    N·K support writes)."""
+    cos = torch.einsum("tw,tsw->ts", key, memory) / (key.norm(dim=-1, keepdim=True) * memory.norm(dim=-1) + 1e-8)
+    read = torch.softmax(strength * cos, dim=-1)
+    r = torch.einsum("ts,tsw->tw", read, memory)
     sigma = torch.sigmoid(gate)
     write = sigma * read_prev + (1 - sigma) * least_prev
     memory = memory * (1 - least_prev).unsqueeze(-1) + write.unsqueeze(-1) * key.unsqueeze(1)
-    cos = torch.einsum("tw,tsw->ts", key, memory) / (key.norm(dim=-1, keepdim=True) * memory.norm(dim=-1) + 1e-8)
-    read = torch.softmax(strength * cos, dim=-1)
     usage = gamma * usage_prev + read + write
     least = F.one_hot(usage.argmin(-1), usage.shape[-1]).to(usage.dtype)
-    return memory, read, usage, least, torch.einsum("ts,tsw->tw", read, memory)
+    return memory, read, usage, least, r
 
 
 class MemoryLearner(nn.Module):
@@ -164,10 +175,16 @@ class MANNConfig:
     """Filters of the embedding's four conv blocks."""
     lstm: int = 200
     """LSTM (controller) units (Santoro et al.'s controller: 200)."""
-    slots: int = 128
-    """Memory slots (Santoro et al.'s Omniglot runs: 128)."""
+    slots: Optional[int] = None
+    """Memory slots; null: N·K + 1, one per support example and one spare, resolved from the
+    episode at build time (a slot per example is all an episode can fill; with more, the β-softmax
+    spreads over empty slots). Santoro et al.'s Omniglot runs used 128 for 50-example episodes."""
     width: int = 40
     """Width of a memory slot, the key size (Santoro et al.: 40)."""
+    centre_embedding: bool = True
+    """Centre and normalise the embedding over the meta-batch (``ImageEmbedding(centre=True)``):
+    the controller's keys are compared by cosine, which cannot tell apart keys that all share one
+    offset; see ``policies/embedding.py``."""
     gamma: float = 0.95
     """Usage decay γ of the least-recently-used access."""
     support_loss: float = 0.0
@@ -199,8 +216,9 @@ class MANN(BlackBox):
     """As SNAIL's: no pretrain baseline by default; evaluation reveals the whole support set."""
 
     def build(self, in_channels: int, image_size: int) -> nn.Module:
-        c = self.own
-        embedding = ImageEmbedding(in_channels, image_size, hidden=c.hidden, out_dim=c.embedding)
+        c, ep = self.own, self.cfg.episode
+        embedding = ImageEmbedding(in_channels, image_size, hidden=c.hidden, out_dim=c.embedding, centre=c.centre_embedding)
         if c.memory == "none":
             return LSTMLearner(self.n_way, embedding, c.lstm, c.label_delay)
-        return MemoryLearner(self.n_way, embedding, c.lstm, c.slots, c.width, c.gamma, c.label_delay, c.key_strength)
+        slots = ep.n_way * ep.k_shot + 1 if c.slots is None else c.slots
+        return MemoryLearner(self.n_way, embedding, c.lstm, slots, c.width, c.gamma, c.label_delay, c.key_strength)
