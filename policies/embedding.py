@@ -18,9 +18,10 @@ distinct inputs, learns the matching in ~100 Adam steps).
 ``centre=True`` adds one more batch norm on the output vector (``BatchNorm1d(out_dim)``, running
 statistics in ``eval()`` as above), so embeddings are centred and of unit scale per feature
 across the meta-batch. MANN needs it (``mann.centre_embedding``): its memory is addressed by the
-cosine between keys computed from these vectors, and after the last ReLU and linear layer the raw
-embeddings of different characters share a large common offset, so their keys point in nearly
-one direction (cosines near 1 for every slot) and the read cannot pick out the matching slot.
+cosine between keys computed from these vectors, and the raw embeddings of different characters
+share a large common offset, so their keys point in nearly one direction and the read cannot pick
+out the matching slot (at initialisation, 160 Omniglot characters: mean pairwise cosine 0.73
+between raw embeddings and 0.91 between their keys; centred, −0.01 and 0.45).
 SNAIL's attention (dot products, then a softmax with learned projections) does not need it.
 """
 from __future__ import annotations

@@ -91,15 +91,16 @@ def lrua_step(memory: Tensor, read_prev: Tensor, usage_prev: Tensor, least_prev:
     w^u = γ w^u_{t−1} + w^r + w^w,  w^lu = one-hot of the least-used slot (one read head; ties go
     to the first slot, so an empty memory fills slot by slot).
 
-    Why the read addresses M_{t−1}: the key k_t is also the vector written (one vector, not the
-    paper's separate key and add vectors), so reading M_t would find cos(k_t, M_t(write slot)) ≈ 1
-    and hand back what this step just stored, carrying nothing from earlier steps; the learner then
-    stays at chance. The paper leaves the order open (it writes "M_t" in the read equation but
-    states the write first); snowkylin/ntm's ``mann_cell.py`` addresses the previous memory
-    (``read_head_addressing(k, prev_M)``), while tristandeleu/ntm-one-shot reads M_t but writes a
-    separate add vector a_t. Here the read sees everything stored up to step t − 1 and this
-    step's write is visible from step t + 1 on (a query, one step after the support set, reads all
-    N·K support writes)."""
+    Why the read addresses M_{t−1}: the key k_t is also the vector written (as in the paper,
+    whose write adds w^w_t(i) k_t), so reading M_t would find cos(k_t, M_t(write slot)) ≈ 1 and
+    hand back what this step just stored, carrying nothing from earlier steps; the learner then
+    stayed at chance. The paper's notation does not settle the order within a step (sec. 3.1 has a
+    key either stored in a row or used to retrieve one; both the read and the write name M_t).
+    snowkylin/ntm's ``mann_cell.py`` computes the read weights from the previous memory
+    (``read_head_addressing(k, prev_M)``); tristandeleu/ntm-one-shot addresses M_t but writes a
+    separate add vector a_t, which also avoids the self-match. Here the read sees everything
+    stored up to step t − 1 and this step's write is visible from step t + 1 on (a query, one step
+    after the support set, reads all N·K support writes)."""
     cos = torch.einsum("tw,tsw->ts", key, memory) / (key.norm(dim=-1, keepdim=True) * memory.norm(dim=-1) + 1e-8)
     read = torch.softmax(strength * cos, dim=-1)
     r = torch.einsum("ts,tsw->tw", read, memory)
@@ -122,8 +123,7 @@ class MemoryLearner(nn.Module):
     e^{±1} barely matters), so a read returns the mean of the memory; ``mann.key_strength: false``
     restores β = 1.
 
-    The key tanh(W_k h_t) is both the read key and the vector written (the paper has a separate
-    add vector a_t); that is why the read must address the memory before this step's write
+    The key tanh(W_k h_t) is both the read key and the vector written (as in the paper); that is why the read must address the memory before this step's write
     (:func:`lrua_step`). The embedding should be centred (``ImageEmbedding(centre=True)``): at
     initialisation on Omniglot the mean pairwise cosine of 160 characters' keys is 0.91 with the
     raw embedding and 0.45 with the centred one, and cosine addressing can only pick a slot by
