@@ -130,6 +130,27 @@ def _tasks(col, n, seed=0):
     return find_task_env(col._probe).sample_tasks(n, np.random.default_rng(seed))
 
 
+@pytest.mark.parametrize("env", ["nav2d", "cheetah"])
+def test_a_share_is_bitwise_its_slice_of_the_whole_batch(env):
+    """In-process, no Ray: ``collect(..., shard=(first, total))`` on tasks first.. gives exactly
+    those tasks' rows of one collection over all of them, for shares of several sizes. (Before the
+    policy ran at the whole batch's shape, HalfCheetahVel's actions moved by 1 ulp: the SIMD tail
+    of exp/tanh.) What every Ray actor and torchrun rank relies on."""
+    env_id, kwargs = {"nav2d": NAV, "cheetah": CHEETAH}[env]
+    with Collector(env_id, kwargs, n_workers=0) as col:
+        policy, tasks = _policy(col.obs_dim, col.act_dim), _tasks(col, 7)
+        for params in (None, _per_task(policy, 7)):
+            whole = col.collect(policy, params, tasks, 3, seed=11)
+            for lo, hi in [(0, 3), (3, 7), (2, 5), (6, 7)]:
+                share = None if params is None else {k: v[lo:hi] for k, v in params.items()}
+                part = col.collect(policy, share, tasks[lo:hi], 3, seed=11, shard=(lo, 7))
+                n = part.max_length
+                for f in FIELDS:
+                    ref = getattr(whole, f)[lo:hi]
+                    assert torch.equal(getattr(part, f), ref[:, :n] if f in ("obs", "actions", "rewards", "mask",
+                                                                            "terminated", "log_probs") else ref), (f, lo, hi)
+
+
 @needs_ray
 def test_ray_episodes_equal_the_in_process_ones(pair):
     """5 tasks on 2 actors (shares of 2 and 3): θ for every task, then per-task φ_i; and a

@@ -218,7 +218,9 @@ class RayCollector(Collector):
 
         def submit(a: int):
             lo, hi = bounds[a]
-            share = {name: p[lo:hi] for name, p in stacked.items()}
+            # θ expanded over the tasks pickles as its one copy; a slice of per-task φ would pickle
+            # every task's rows (a view keeps its whole storage), so it is copied first
+            share = {name: p[lo:hi] if p.stride(0) == 0 else p[lo:hi].clone() for name, p in stacked.items()}
             return self._actors[a].collect.remote(policy_ref, share, tasks[lo:hi], episodes_per_task, seed,
                                                   (first + lo, total))
 
