@@ -29,7 +29,9 @@ Ray instance, the two collections alternating in one process (``--ray-repeats`` 
 warm-up of each), with the same policy, tasks and seeds (their episodes are checked equal). The
 Ray side also reports its communication time per collection: the wall time not spent inside the
 slowest actor's collection (sending the policy and parameters, scheduling, returning and joining
-the episodes), and per MAML-TRPO iteration (``inner.steps`` + 1 collections).
+the episodes), and per MAML-TRPO iteration (``inner.steps`` + 1 collections). And what exact
+shares cost: half of the tasks collected in-process on one thread as a share (its policy call at
+the whole batch's shape, what an actor does) vs the same tasks on their own.
 
 Run: .venv/bin/python benchmarks/distributed_speed.py [--iterations 3] [--ranks 1,2] [--only omniglot,cheetah,ray]
 """
@@ -131,6 +133,7 @@ def ray_vs_local(args) -> dict:
     import torch
 
     from metarl import config
+    from metarl.rollouts import Collector
     from metarl.rollouts.ray_collector import RayCollector
     from metarl.training import make_track, seed_everything
 
@@ -144,18 +147,27 @@ def ray_vs_local(args) -> dict:
     start = time.perf_counter()
     ray_col = RayCollector(cfg.env.id, cfg.env.kwargs, n_actors=cfg.sampler.workers)
     startup = time.perf_counter() - start
+    # What one actor does for its half of the tasks, in this process on one thread: a share run at
+    # the whole batch's shape (bitwise, what the actors do) vs the same tasks collected on their own
+    half = Collector(cfg.env.id, cfg.env.kwargs, n_workers=0)
+    n_half = max(1, cfg.meta_batch // 2)
     cols = {"local": track.collector, "ray": ray_col}
-    rates: dict[str, list[float]] = {"local": [], "ray": []}
+    calls = {name: (lambda c: lambda seed: c.collect(track.policy, None, tasks, cfg.inner.episodes, seed=seed))(col)
+             for name, col in cols.items()}
+    calls["share"] = lambda seed: half.collect(track.policy, None, tasks[:n_half], cfg.inner.episodes, seed=seed,
+                                               shard=(0, cfg.meta_batch))
+    calls["alone"] = lambda seed: half.collect(track.policy, None, tasks[:n_half], cfg.inner.episodes, seed=seed)
+    rates: dict[str, list[float]] = {name: [] for name in calls}
     comm, compute = [], []
     try:
         for rep in range(args.ray_repeats + 1):
             batches = {}
-            for name in (("local", "ray") if rep % 2 == 0 else ("ray", "local")):
+            for name in (list(calls) if rep % 2 == 0 else list(calls)[::-1]):
                 c0, k0 = ray_col.comm_seconds, ray_col.compute_seconds
                 t0 = time.perf_counter()
-                batches[name] = cols[name].collect(track.policy, None, tasks, cfg.inner.episodes, seed=rep)
+                batches[name] = calls[name](rep)
                 dt = time.perf_counter() - t0
-                if rep:  # the first round warms both up
+                if rep:  # the first round warms every variant up
                     rates[name].append(batches[name].n_steps / dt)
                     if name == "ray":
                         comm.append(ray_col.comm_seconds - c0)
@@ -164,10 +176,12 @@ def ray_vs_local(args) -> dict:
                 raise SystemExit("ray: the Ray episodes differ from the in-process ones")
     finally:
         ray_col.close()
+        half.close()
         track.close()
     return {"tasks": cfg.meta_batch, "episodes": cfg.inner.episodes, "steps": int(batches["local"].n_steps),
             "workers": cfg.sampler.workers, "collections_per_iter": cfg.inner.steps + 1,
             "local_steps_per_s": float(np.median(rates["local"])), "ray_steps_per_s": float(np.median(rates["ray"])),
+            "share_steps_per_s": float(np.median(rates["share"])), "alone_steps_per_s": float(np.median(rates["alone"])),
             "ray_comm_s": float(np.median(comm)), "ray_compute_s": float(np.median(compute)), "ray_startup_s": startup,
             "samples": rates}
 
@@ -215,6 +229,9 @@ def main() -> None:
               f"{ray['ray_comm_s']:.3f} s per collection ({ray['ray_comm_s'] / (ray['ray_comm_s'] + ray['ray_compute_s']):.1%} "
               f"of it), {per_iter:.3f} s per MAML-TRPO iteration ({ray['collections_per_iter']} collections); "
               f"Ray start-up {ray['ray_startup_s']:.1f} s (once per run)")
+        print(f"ray: one actor's half of the tasks on one thread: as a share (the policy at the whole batch's shape, "
+              f"bitwise) {ray['share_steps_per_s']:.0f} steps/s, collected alone {ray['alone_steps_per_s']:.0f} steps/s, "
+              f"ratio share/alone {ray['share_steps_per_s'] / ray['alone_steps_per_s']:.2f}")
     print(json.dumps({**results, **({"ray": ray} if ray is not None else {})}))
 
 
