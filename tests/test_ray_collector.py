@@ -72,6 +72,38 @@ def test_bad_ray_settings_are_range_checked():
         _rl_cfg(backend="ray", ray_timeout=0)
 
 
+def test_the_reaper_stops_the_instance_s_processes_when_its_pipe_closes(tmp_path):
+    """No Ray needed: the reaper, given a marker and a session directory, stops a process that
+    carries the marker in its environment and one that holds a file in the directory (as Ray's
+    agents, whose environment setproctitle overwrote), once its stdin reaches end-of-file; it
+    spares an unmarked process and the process that started it (this one, which also holds a
+    file there)."""
+    from metarl.rollouts import ray_reaper
+
+    session = tmp_path / "session_x"
+    session.mkdir()
+    held = open(session / "driver.log", "w")  # the driver's own log: it must be spared
+    sleeper = [sys.executable, "-c", "import sys, time; f = open(sys.argv[1], 'a') if len(sys.argv) > 1 else None; time.sleep(600)"]
+    marked = subprocess.Popen(sleeper, env={**os.environ, ray_reaper.MARKER_VAR: "m-1"})
+    holder = subprocess.Popen(sleeper + [str(session / "agent.log")])
+    other = subprocess.Popen(sleeper, env={**os.environ, ray_reaper.MARKER_VAR: "m-2"})
+    reaper = subprocess.Popen([sys.executable, ray_reaper.__file__, "m-1"], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (session / "agent.log").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reaper.stdin.write(f"{session}\n".encode())
+        reaper.stdin.close()
+        assert reaper.wait(timeout=60) == 0
+        assert marked.wait(timeout=10) == -signal.SIGTERM and holder.wait(timeout=10) == -signal.SIGTERM
+        assert other.poll() is None
+    finally:
+        held.close()
+        for proc in (marked, holder, other, reaper):
+            proc.kill()
+            proc.wait()
+
+
 # ------------------------------------------------------------------ a local Ray instance
 
 @pytest.fixture(scope="module")

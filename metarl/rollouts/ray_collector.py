@@ -30,7 +30,8 @@ The local instance
 ``address=None`` starts a local Ray instance with ``n_actors`` CPUs (no dashboard), stopped by
 :meth:`close` when the last collector using it closes. A SIGKILLed driver cannot stop it, so a
 small reaper process (:mod:`metarl.rollouts.ray_reaper`) watches the driver and stops every
-process of that instance when it dies. With ``address`` (a running cluster) the actors are
+process of that instance when it dies (those carrying its environment marker or holding files
+in its session directory). With ``address`` (a running cluster) the actors are
 created there and killed on :meth:`close`; the cluster is left running.
 """
 from __future__ import annotations
@@ -95,6 +96,7 @@ class _LocalInstance:
                 raise
             finally:
                 os.environ.pop(ray_reaper.MARKER_VAR, None)
+            cls._tell_reaper(_session_dir(ray))
         cls.users += 1
 
     @classmethod
@@ -105,6 +107,15 @@ class _LocalInstance:
                 ray.shutdown()
             finally:
                 cls._stop_reaper()
+
+    @classmethod
+    def _tell_reaper(cls, session_dir: Optional[str]) -> None:
+        if session_dir and cls.reaper is not None:
+            try:
+                cls.reaper.stdin.write(session_dir.encode() + b"\n")
+                cls.reaper.stdin.flush()
+            except OSError:
+                pass
 
     @classmethod
     def _stop_reaper(cls) -> None:
@@ -293,6 +304,15 @@ class RayCollector(Collector):
 
     def __repr__(self) -> str:
         return f"RayCollector({self.env_id!r}, n_actors={self.n_actors}, max_episode_steps={self.max_episode_steps})"
+
+
+def _session_dir(ray) -> Optional[str]:
+    """The local instance's session directory (/tmp/ray/session_...), None if this Ray version
+    hides it (the reaper then finds the processes by their environment marker alone)."""
+    try:
+        return str(ray._private.worker._global_node.get_session_dir_path())
+    except Exception:
+        return None
 
 
 def _first_line(exc: BaseException) -> str:

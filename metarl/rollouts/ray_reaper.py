@@ -4,9 +4,13 @@ Run as a script (``python ray_reaper.py MARKER``; it imports nothing of metarl, 
 milliseconds) by :mod:`metarl.rollouts.ray_collector` just before ``ray.init`` starts a local
 instance. Its stdin is a pipe whose only writer is the driver: the read returns end-of-file
 when the driver exits, normally or by SIGKILL (the kernel closes a dead process's files). It then
-stops every process whose environment carries ``METARL_RAY_OWNER=MARKER``: the driver sets that
-variable while ``ray.init`` spawns the GCS server, the raylet and the agents, and the raylet
-passes it on to the workers and actors it forks.
+stops every process of that instance, found two ways:
+* its environment carries ``METARL_RAY_OWNER=MARKER``: the driver sets that variable while
+  ``ray.init`` spawns the GCS server, the raylet and the agents, and the raylet passes it on to
+  the workers and actors it forks;
+* it holds a file (a log, a socket) in the instance's session directory, whose path the driver
+  writes to the pipe once ``ray.init`` returns: the agents rename themselves with setproctitle,
+  which overwrites what ``/proc/PID/environ`` shows, so the marker alone missed them.
 
 Why not Ray's own mechanisms: on Linux Ray binds its head processes to the driver with
 ``PR_SET_PDEATHSIG``, so the GCS server and the raylet die with a SIGKILLed driver and the
@@ -14,7 +18,6 @@ workers follow the raylet, but the dashboard and runtime-env agents, children of
 were seen to linger for more than a minute (ray 2.60: they block reporting the raylet's death
 to the GCS that is already gone). Ray's own reaper is only started where that fate sharing is
 missing, and it kills its process group, which the actors leave (each worker is its own group).
-Matching an environment marker finds every process of this instance and nothing else.
 """
 from __future__ import annotations
 
@@ -26,26 +29,43 @@ import time
 MARKER_VAR = "METARL_RAY_OWNER"
 
 
-def marked_processes(marker: str) -> list[int]:
-    """Pids of the live processes whose environment holds ``METARL_RAY_OWNER=marker``."""
+def _holds_file_in(pid: str, directory: str) -> bool:
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(directory):
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return False
+
+
+def marked_processes(marker: str, session_dir: str = "", spare: tuple[int, ...] = ()) -> list[int]:
+    """Pids of the live processes whose environment holds ``METARL_RAY_OWNER=marker``, or
+    which hold a file below ``session_dir`` (when given); never this one or those in ``spare``."""
     needle = f"{MARKER_VAR}={marker}".encode()
+    directory = session_dir.rstrip("/") + "/" if session_dir else ""
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+        if not entry.isdigit() or int(entry) == os.getpid() or int(entry) in spare:
             continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as f:
                 env = f.read().split(b"\0")
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        if needle in env:
+        if needle in env or (directory and _holds_file_in(entry, directory)):
             found.append(int(entry))
     return found
 
 
-def stop(marker: str, grace: float = 2.0) -> int:
-    """SIGTERM the marked processes, SIGKILL what is left after ``grace`` seconds; how many were found."""
-    pids = marked_processes(marker)
+def stop(marker: str, session_dir: str = "", spare: tuple[int, ...] = (), grace: float = 2.0) -> int:
+    """SIGTERM the instance's processes, SIGKILL what is left after ``grace`` seconds; how many
+    were still there at the end (0). ``spare``: the driver, which holds its own log in the
+    session directory and is still alive when it closes the pipe on a normal exit."""
+    pids = marked_processes(marker, session_dir, spare)
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
         for pid in pids:
             try:
@@ -55,7 +75,7 @@ def stop(marker: str, grace: float = 2.0) -> int:
         deadline = time.monotonic() + wait
         while pids and time.monotonic() < deadline:
             time.sleep(0.05)
-            alive = set(marked_processes(marker))
+            alive = set(marked_processes(marker, session_dir, spare))
             pids = [p for p in pids if p in alive]
         if not pids:
             break
@@ -67,12 +87,15 @@ def main(argv: list[str]) -> int:
         print("usage: ray_reaper.py MARKER", file=sys.stderr)
         return 2
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; we clean up after it
+    driver = os.getppid()
+    session_dir = ""
     try:
-        while sys.stdin.buffer.read(4096):  # the driver never writes: this returns b"" when it exits
-            pass
+        for line in sys.stdin:  # the driver writes the session directory, then nothing: EOF when it exits
+            if line.strip().startswith("/"):
+                session_dir = line.strip()
     except OSError:
         pass
-    stop(argv[1])
+    stop(argv[1], session_dir, spare=(driver,))
     return 0
 
 
