@@ -17,7 +17,7 @@ evaluation includes those that exist.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -55,7 +55,23 @@ class PolicyConfig:
 @dataclass
 class SamplerConfig:
     workers: int = 2
-    """Worker processes stepping the envs (0 = in-process)."""
+    """Worker processes stepping the envs (0 = in-process); with ``backend: ray``, the number of
+    Ray actors (at least 1)."""
+    backend: Literal["local", "ray"] = "local"
+    """Where episodes are collected. "local": this machine's worker processes (or in-process).
+    "ray": Ray actors, each holding its own envs and collecting a contiguous share of the
+    meta-batch's tasks under the parameters it is sent (metarl/rollouts/ray_collector.py); the
+    episodes are identical to "local" for the same seed. Needs the ``distributed`` extra."""
+    ray_address: Optional[str] = None
+    """With ``backend: ray``: the address of a running Ray cluster ("auto", "HOST:6379",
+    "ray://HOST:10001"); null starts a local Ray instance with ``workers`` CPUs, which stops with
+    the run, even a SIGKILLed one."""
+    ray_timeout: float = 600.0
+    """With ``backend: ray``: seconds a collection may take before the run stops with one line
+    (an actor that hangs, or a cluster without the CPUs for the actors), never a hang."""
+    ray_restarts: int = 1
+    """With ``backend: ray``: how often, within one collection, an actor that died is replaced and
+    its share re-collected (deterministically: the same episodes) before the run stops."""
 
 
 @dataclass
@@ -122,6 +138,7 @@ class RLConfig(RunConfig):
             raise ConfigError("meta_batch and inner.episodes must be >= 1")
         from ..config import in_range  # upper bounds: one iteration must end (see in_range)
         in_range("meta_batch", self.meta_batch, 1, 100_000), in_range("sampler.workers", self.sampler.workers, 0, 1_024)
+        self._validate_sampler()
         in_range("policy.hidden", self.policy.hidden, 1, 100_000), in_range("policy.init_std", self.policy.init_std, 0, open_low=True)
         in_range("ppo_baselines.timesteps", self.ppo_baselines.timesteps, 1)
         for key in ("timesteps", "eval_episodes", "eval_timesteps"):
@@ -141,6 +158,25 @@ class RLConfig(RunConfig):
         if self.inner.eval_protocol == "rllab" and self.inner.eval_timesteps is None:
             raise ConfigError("inner.eval_protocol 'rllab' sizes test batches in steps: set inner.eval_timesteps too (the paper: 4000)")
 
+    def _validate_sampler(self):
+        """sampler.backend and its Ray settings: one line each, before any env or actor starts."""
+        from ..config import in_range
+        s = self.sampler
+        if s.backend != "ray":
+            if s.ray_address is not None:
+                raise ConfigError(f"sampler.ray_address is set ({s.ray_address!r}) but sampler.backend is "
+                                  f"'{s.backend}': add --set sampler.backend=ray")
+            return
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            from ..extras import DISTRIBUTION
+            raise ConfigError(f"sampler.backend ray needs ray: pip install '{DISTRIBUTION}[distributed]' "
+                              f"(in a checkout: pip install -e '.[distributed]')")
+        in_range("sampler.workers", s.workers, 1, 1_024)
+        in_range("sampler.ray_timeout", s.ray_timeout, 0, open_low=True)
+        in_range("sampler.ray_restarts", s.ray_restarts, 0, 100)
+
 
 class RLTrack(Track):
     def __init__(self, cfg: RLConfig):
@@ -156,7 +192,13 @@ class RLTrack(Track):
         mk = lambda: GaussianMLPPolicy(obs_dim, act_dim, cfg.policy.hidden, cfg.policy.activation, cfg.policy.init_std,
                                        init=cfg.policy.init)
         self._new_policy = mk
-        self.collector = Collector(cfg.env.id, env_kwargs=cfg.env.kwargs, n_workers=cfg.sampler.workers)
+        if cfg.sampler.backend == "ray":
+            from ..rollouts.ray_collector import RayCollector
+            s = cfg.sampler
+            self.collector = RayCollector(cfg.env.id, env_kwargs=cfg.env.kwargs, n_actors=s.workers, address=s.ray_address,
+                                          timeout=s.ray_timeout, restarts=s.ray_restarts)
+        else:
+            self.collector = Collector(cfg.env.id, env_kwargs=cfg.env.kwargs, n_workers=cfg.sampler.workers)
         self.method = registry.find_algorithm(cfg.algorithm, "rl")(self, cfg)
         self.policy = self.method.policy
         self.modules.update(self.method.modules)
