@@ -175,3 +175,46 @@ def test_tiny_maml_trpo_run_trains_and_evaluates_success_on_test_goals(tmp_path)
         assert len(s["mean"]) == len(s["ci95"]) == 2 and all(0.0 <= m <= 1.0 for m in s["mean"])
         assert set(data["success_by_env"][name]) == {"reach-v3"}
     assert len(data["methods"]["maml"]["mean"]) == 2
+
+
+class _FlagEnv(gym.Env):
+    """3-step episodes whose info["success"] is 1 at step 1 of the task's chosen episode (1-based
+    count of resets since the task was set), else 0: a known answer for RL²'s success count."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
+
+    def __init__(self):
+        self.episode, self.resets, self.t = 1, 0, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.resets, self.t = self.resets + 1, 0
+        return np.zeros(1, dtype=np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        success = float(self.resets == self.episode and self.t == 1)
+        return np.zeros(1, dtype=np.float32), 0.0, False, self.t == 3, {"success": success}
+
+
+def test_rl2_trials_count_success_per_episode_at_any_step():
+    from metarl.algorithms.rl2 import trial_returns
+    from metarl.envs import TaskWrapper
+    from metarl.envs.trial import TrialEnv
+
+    def set_episode(env, task):
+        env.unwrapped.episode, env.unwrapped.resets = int(task["episode"]), 0
+
+    def make():
+        return TrialEnv(TaskWrapper(_FlagEnv(), lambda n, rng: [{"episode": 1.0}] * n, set_episode), 2)
+
+    class Still:  # the recurrent policy's predict interface, acting 0
+        def predict(self, obs, state=None, episode_start=None, deterministic=False):
+            return np.zeros((len(obs), 1), dtype=np.float32), state
+
+    out: dict = {}
+    tasks = [{"episode": 1.0}, {"episode": 2.0}, {"episode": 9.0}]
+    returns = trial_returns(Still(), make, tasks, episodes=2, trials=2, seed=0, successes=out)
+    assert returns.shape == (3, 2)
+    assert out["success"].tolist() == [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]

@@ -238,13 +238,16 @@ class RLTrack(Track):
         When the env reports ``info["success"]`` the result also holds the success curve
         (:func:`success_curves`)."""
         cfg = self.cfg
-        tasks_given = tasks
+        # an env with a held-out split says which one the curves are on (adaptation.json "eval_split")
+        split_note = {"eval_split": "test" if tasks is None else "tasks file"} if getattr(self.task_env, "task_splits", ()) else {}
         if tasks is None:
             tasks = sample_split(self.task_env, n_tasks, np.random.default_rng([seed, 1]), "test")
         if hasattr(self.method, "evaluate_curves"):  # a black-box method (RL²): its own curve, no inner steps
-            curves = self.method.evaluate_curves(dict(self.modules), tasks, steps, seed)
-            curves.update(self._oracle_curve(tasks, seed, steps))
-            return EvalResult("return", True, curves, algorithm=self.method.name, curve_axis=self.method.curve_axis)
+            by_metric = self.method.evaluate_curves(dict(self.modules), tasks, steps, seed)
+            curves = {**by_metric["return"], **self._oracle_curve(tasks, seed, steps)}
+            result = EvalResult("return", True, curves, algorithm=self.method.name, curve_axis=self.method.curve_axis)
+            result.extra.update({**success_summary(by_metric.get("success", {}), tasks), **split_note})
+            return result
         adapted = dict(self.modules)
         if self.run_dir is not None and self.baseline_path("pretrain").exists():
             from .. import rl_baselines as rb
@@ -267,9 +270,7 @@ class RLTrack(Track):
         curves.update(self._oracle_curve(tasks, seed, steps))
         result = EvalResult("return", True, curves, step_sizes=chosen, algorithm=self.method.name,
                             curve_axis=self.method.curve_axis)
-        result.extra.update(success_curves(data_by_method, tasks))
-        if getattr(self.task_env, "task_splits", ()):
-            result.extra["eval_split"] = "test" if tasks_given is None else "tasks file"
+        result.extra.update({**success_curves(data_by_method, tasks), **split_note})
         maml_data = data_by_method[self.method.name]
         if "Navigation2D" in cfg.env.id:
             result.figures["trajectories.png"] = lambda path: _nav_plot(path, tasks, maml_data)
@@ -298,15 +299,23 @@ def success_curves(data_by_method: dict, tasks: list[dict]) -> dict:
     inner step k is the fraction of its episodes collected after k inner steps that succeed; the
     95% interval is over tasks, as the return's. ``success_by_env`` averages the tasks of each
     Meta-World class (ML10/ML45 report success per test class)."""
-    from ..evaluation import mean_ci95
-
     first = next(iter(data_by_method.values()))
     if "success" not in (first[0][0].infos or {}):
         return {}
+    return success_summary({name: np.stack([eps.any_step_rate("success").numpy() for eps, _ in data], axis=1)
+                            for name, data in data_by_method.items()}, tasks)
+
+
+def success_summary(rates: dict, tasks: list[dict]) -> dict:
+    """The adaptation.json entries of :func:`success_curves` from per-task success rates
+    {method: [n_tasks, steps + 1]} ({} when there are none)."""
+    from ..evaluation import mean_ci95
+
+    if not rates:
+        return {}
     out, by_env = {}, {}
     names = [t.get("env_name", "") for t in tasks]
-    for name, data in data_by_method.items():
-        rate = np.stack([eps.any_step_rate("success").numpy() for eps, _ in data], axis=1)  # [n_tasks, steps + 1]
+    for name, rate in rates.items():
         mean, ci = mean_ci95(rate)
         out[name] = {"mean": mean.tolist(), "ci95": ci.tolist()}
         by_env[name] = {env: rate[[i for i, n in enumerate(names) if n == env]].mean(0).tolist()
