@@ -36,7 +36,7 @@ $(MW_STAMP): $(STAMP)
 	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$$($(MW_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/main-venv.pth"
 	echo 'torch==2.13.0' > .venv-mw/constraints.txt
 	$(MW_PY) -m pip install -q -c .venv-mw/constraints.txt 'metaworld==3.1.1'
-	$(MW_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(MW_PY) -m pip install -q --no-deps -e .
 	touch $(MW_STAMP)
 
 test-mw: $(MW_STAMP)
