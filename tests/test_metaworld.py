@@ -183,14 +183,17 @@ def test_success_counts_any_step_of_an_episode():
 
 @needs_metaworld
 def test_tiny_maml_trpo_run_trains_and_evaluates_success_on_test_goals(tmp_path):
-    from checks import cli_train_and_evaluate
+    from checks import run_cli
 
     rd = tmp_path / "run"
     sets = ["iterations=2", "meta_batch=2", "inner.episodes=2", "inner.eval_episodes=2", "env.kwargs={env_name: reach-v3, horizon: 15}",
             "policy.hidden=[8]", "sampler.workers=1", "checkpoint_every=1"]
-    data = cli_train_and_evaluate("experiments/metaworld_ml1_reach.yaml", rd, sets,
-                                  evaluate=["--tasks", "3", "--steps", "1"],
-                                  env={"PYTHONWARNINGS": "ignore"})
+    quiet = {"PYTHONWARNINGS": "ignore"}
+    run_cli("train", "experiments/metaworld_ml1_reach.yaml", "--run-dir", str(rd), *[a for x in sets for a in ("--set", x)], env=quiet)
+    out = run_cli("evaluate", str(rd), "--tasks", "3", "--steps", "1", env=quiet).stdout
+    assert "3 held-out test-split tasks" in out and "success rate after 0..1 inner steps" in out, out
+    data = json.loads((rd / "eval" / "adaptation.json").read_text())
+    assert {"success/pre", "success/post"} <= set((rd / "metrics.csv").read_text().splitlines()[0].split(","))
     assert data["metric"] == "return" and data["n_tasks"] == 3 and data["eval_split"] == "test"
     for name in ("maml", "random"):
         s = data["success"][name]
