@@ -15,7 +15,9 @@ the second-order meta-gradient, so it grows; iMAML's implicit gradient needs onl
 Run: .venv/bin/python benchmarks/family_speed.py [--methods maml fomaml ...] [--rounds 3]
      [--iterations 3] [--memory-steps 1 5 20 50] [--meta-batch 32]
 (``--methods maml meta_lstm --meta-batch 1``: the LSTM meta-learner at its paper's one episode
-per update, beside MAML at the same meta-batch.)
+per update, beside MAML at the same meta-batch; add ``--with model.hidden=32 --with
+episode.q_query=15`` for the episodes and learner of experiments/meta_lstm_omniglot_5w1s.yaml,
+its 32-filter Conv4 and 15 queries per class, with MAML on the same.)
 """
 from __future__ import annotations
 
@@ -78,6 +80,8 @@ def main():
     ap.add_argument("--memory-methods", nargs="+", default=["maml", "imaml"])
     ap.add_argument("--meta-batch", type=int, default=32,
                     help="episodes per meta-iteration for every method (e.g. 1: the LSTM meta-learner's own setting)")
+    ap.add_argument("--with", dest="common", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override applied to every method (repeatable)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -93,8 +97,8 @@ def main():
     rows = {m: [] for m in methods}
     for _ in range(args.rounds):
         for m in methods:
-            rows[m].append(run_one(m, args.iterations, [f"meta_batch={args.meta_batch}"]))
-    print(f"Omniglot 5-way 1-shot, meta-batch {args.meta_batch}, each method's own defaults; median of {args.rounds} interleaved rounds "
+            rows[m].append(run_one(m, args.iterations, [f"meta_batch={args.meta_batch}", *args.common]))
+    print(f"Omniglot 5-way 1-shot, meta-batch {args.meta_batch}, {' '.join(args.common) or ''} each method's own defaults; median of {args.rounds} interleaved rounds "
           f"of {args.iterations} timed iterations (fresh process each)")
     print(f"{'method':>12} {'s/iter':>8} {'x MAML':>7} {'peak MB':>8}")
     for m in methods:
@@ -114,7 +118,7 @@ def main():
             cells = []
             for m in args.memory_methods:
                 key = {"imaml": "imaml.steps"}.get(m, "inner.steps")
-                r = run_one(m, 1, [f"{key}={k}"])
+                r = run_one(m, 1, [f"{key}={k}", *args.common])
                 cells.append(f"{r['peak_mb']:10.0f}" if "error" not in r else f"{'failed':>10}")
             print(f"{k:>6} " + " ".join(cells))
 

@@ -11,7 +11,17 @@ id                             task                                    horizon
 ``metarl/AntVel-v0``           target velocity ~ U[0, 3]                200
 ``metarl/AntDir-v0``           direction +-1 along x                    200
 ``metarl/AntGoal-v0``          goal uniform in the disk of radius 3     200
+``metarl/MetaWorldML1-v0``     one Meta-World task (``env_name``),      500
+                               50 train / 50 test goals
+``metarl/MetaWorldML10-v0``    Meta-World ML10: 10 train, 5 test        500
+                               classes
+``metarl/MetaWorldML45-v0``    Meta-World ML45: 45 train, 5 test        500
+                               classes
 =============================  ======================================  =======
+
+The Meta-World ids exist when the ``metaworld`` extra is installed (``pip install -e
+'.[metaworld]'``; :mod:`metarl.envs.metaworld`); their ``sample_tasks`` takes ``split="train"``
+or ``"test"`` (:func:`sample_split`).
 
 Every env is a :class:`TaskEnv` (``sample_tasks(n, rng)``, ``set_task``,
 ``get_task``, ``task_vector``); after ``gymnasium.make`` reach it through
@@ -28,7 +38,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import TaskEnv, flatten_task, hybridmethod
+from .base import TaskEnv, flatten_task, hybridmethod, sample_split
 from .checker import TaskEnvError, check_task_env, find_task_env
 from .navigation import Navigation2DEnv
 from .registration import TASK_ENV_IDS, make_task_env, register_task_envs
@@ -44,6 +54,7 @@ __all__ = [
     "find_task_env",
     "flatten_task",
     "hybridmethod",
+    "sample_split",
     "register_task_envs",
     "Navigation2DEnv",
     "HalfCheetahVelEnv",
@@ -51,6 +62,9 @@ __all__ = [
     "AntVelEnv",
     "AntDirEnv",
     "AntGoalEnv",
+    "MetaWorldML1Env",
+    "MetaWorldML10Env",
+    "MetaWorldML45Env",
 ]
 
 _LAZY = {
@@ -59,6 +73,9 @@ _LAZY = {
     "AntVelEnv": "ant",
     "AntDirEnv": "ant",
     "AntGoalEnv": "ant",
+    "MetaWorldML1Env": "metaworld",
+    "MetaWorldML10Env": "metaworld",
+    "MetaWorldML45Env": "metaworld",
 }
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "flatten_task",
     "check_rng",
     "check_num_tasks",
+    "sample_split",
 ]
 
 
@@ -72,6 +73,9 @@ class TaskEnv(abc.ABC):
 
     #: length of the flat task encoding returned by :meth:`task_vector`
     task_dim: ClassVar[int | None] = None
+    #: the named splits ``sample_tasks(n, rng, split=...)`` accepts, for a distribution with a
+    #: held-out test split (Meta-World: ("train", "test")); empty: one distribution for all uses
+    task_splits: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def sample_tasks(self, n: int, rng: np.random.Generator | None = None) -> list[dict]:
@@ -88,6 +92,16 @@ class TaskEnv(abc.ABC):
     @abc.abstractmethod
     def task_vector(self, task: Mapping[str, Any]) -> np.ndarray:
         """Flat ``float64`` encoding of ``task`` of shape ``(task_dim,)`` (oracle input)."""
+
+
+def sample_split(task_env: Any, n: int, rng: np.random.Generator, split: str) -> list[dict]:
+    """``n`` tasks of ``split`` ("train" for meta-training and validation, "test" for evaluation)
+    from an env that declares that split in ``task_splits`` (Meta-World's held-out goals and
+    classes), else from its one distribution (``sample_tasks(n, rng)``: fresh draws, the caller's
+    seed stream keeping evaluation tasks apart)."""
+    if split in getattr(task_env, "task_splits", ()):
+        return task_env.sample_tasks(n, rng, split=split)
+    return task_env.sample_tasks(n, rng)
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 
 import gymnasium as gym
 
-__all__ = ["TASK_ENV_IDS", "register_task_envs", "make_task_env", "check_env_kwargs"]
+__all__ = ["TASK_ENV_IDS", "register_task_envs", "make_task_env", "check_env_kwargs", "missing_extra"]
 
 _NAMESPACE = "metarl"
 
@@ -33,7 +33,39 @@ _SPECS: dict[str, tuple[str, int]] = {
     "metarl/AntGoal-v0": ("metarl.envs.ant:AntGoalEnv", 200),
 }
 
+#: Envs of an optional extra: id -> (entry point, max_episode_steps, module, extra). Registered only
+#: when the module can be found; otherwise asking for one names the ``pip install``.
+_EXTRA_SPECS: dict[str, tuple[str, int, str, str]] = {
+    "metarl/MetaWorldML1-v0": ("metarl.envs.metaworld:MetaWorldML1Env", 500, "metaworld", "metaworld"),
+    "metarl/MetaWorldML10-v0": ("metarl.envs.metaworld:MetaWorldML10Env", 500, "metaworld", "metaworld"),
+    "metarl/MetaWorldML45-v0": ("metarl.envs.metaworld:MetaWorldML45Env", 500, "metaworld", "metaworld"),
+}
+
+
+def _extra_installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None  # finds it without importing it
+    except (ImportError, ValueError):
+        return False
+
+
+for _id, (_entry, _steps, _module, _extra) in _EXTRA_SPECS.items():
+    if _extra_installed(_module):
+        _SPECS[_id] = (_entry, _steps)
+
 TASK_ENV_IDS: tuple[str, ...] = tuple(_SPECS)
+
+
+def missing_extra(env_id: str) -> str | None:
+    """One line naming the ``pip install`` if ``env_id`` is an env of an extra that is not
+    installed (e.g. ``metarl/MetaWorldML1-v0`` without metaworld), else None."""
+    bare = env_id if env_id.startswith(_NAMESPACE + "/") else f"{_NAMESPACE}/{env_id}"
+    if bare in _EXTRA_SPECS and bare not in _SPECS:
+        module, extra = _EXTRA_SPECS[bare][2:]
+        return f"{bare} needs the {module} package: pip install -e '.[{extra}]' (or pip install 'torch-metarl[{extra}]')"
+    return None
 
 
 def register_task_envs() -> None:
@@ -123,6 +155,8 @@ def make_task_env(env_id: str, **kwargs: Any) -> gym.Env:
     if env_id not in gym.registry and f"{_NAMESPACE}/{env_id}" in gym.registry:
         env_id = f"{_NAMESPACE}/{env_id}"
     if env_id not in gym.registry:
+        if missing_extra(env_id):
+            raise ValueError(missing_extra(env_id))
         short = {k.split("/", 1)[1]: k for k in known}
         close = difflib.get_close_matches(env_id, known, n=3, cutoff=0.4)
         close += [short[s] for s in difflib.get_close_matches(env_id, list(short), n=3, cutoff=0.4)]

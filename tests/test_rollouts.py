@@ -12,6 +12,7 @@ from metarl.envs.half_cheetah import HalfCheetahVelEnv
 from metarl.functional import forward_tasks, params_of, stack
 from metarl.policies.gaussian import GaussianMLPPolicy, log_prob
 from metarl.rollouts import Collector, Episodes, EnvOutputError
+from metarl.rollouts import mujoco_batch
 from metarl.rollouts.mujoco_batch import MujocoBatchStepper
 
 NAV = "metarl/Navigation2D-v0"
@@ -19,6 +20,11 @@ NAV_KW = {"goal_radius": 0.1, "horizon": 30}  # a big goal box: some episodes en
 NAV_TASKS = [{"goal": [0.15, 0.1]}, {"goal": [-0.1, 0.2]}]
 CHEETAH = "metarl/HalfCheetahVel-v0"
 STEP_FIELDS = ("obs", "actions", "rewards", "mask", "terminated", "log_probs")
+# The fast path steps with mujoco.batch, which exists from MuJoCo 4.0 on; the metaworld extra pins
+# 3.3.0, under which these checks cannot run (the collector then uses the generic path: tested below).
+needs_mujoco_batch = pytest.mark.skipif(
+    mujoco_batch._mj_batch is None,
+    reason=f"mujoco.batch needs MuJoCo >= 4.0, installed {mujoco_batch._mujoco.__version__} (e.g. the metaworld extra's pin)")
 
 
 def nav_policy(seed: int = 0) -> GaussianMLPPolicy:
@@ -143,6 +149,7 @@ def test_log_probs_are_the_policy_log_prob_of_the_stored_actions(nav_episodes):
     torch.testing.assert_close(ep.log_probs[valid], expected[valid], rtol=1e-5, atol=1e-5)
 
 
+@needs_mujoco_batch
 def test_fast_path_steps_exactly_like_gymnasium_envs():
     rng = np.random.default_rng(0)
     tasks = HalfCheetahVelEnv.sample_tasks(3, rng)
@@ -179,6 +186,7 @@ def _independent_reward(kind, target, x_before, x_after, dt, action):
     return -abs(v - target) + 1.0 - 0.005 * float(np.sum(np.square(action, dtype=np.float64))) + 0.05
 
 
+@needs_mujoco_batch
 @pytest.mark.parametrize("env_id,stock_id,kind,act_dim", [(CHEETAH, "HalfCheetah-v5", "cheetah", 6),
                                                           ("metarl/AntVel-v0", "Ant-v5", "ant", 8)])
 def test_fast_path_rewards_match_an_independent_formula_on_stock_gymnasium_states(env_id, stock_id, kind, act_dim):
@@ -221,6 +229,7 @@ def test_fast_path_rewards_match_an_independent_formula_on_stock_gymnasium_state
     assert checked >= 40
 
 
+@needs_mujoco_batch
 @pytest.mark.parametrize("env_id", [CHEETAH, "metarl/AntVel-v0"])
 def test_fast_path_collection_equals_generic_collection(env_id):
     kw = {"horizon": 40}
@@ -236,6 +245,27 @@ def test_fast_path_collection_equals_generic_collection(env_id):
     assert "forward_velocity" in a.infos
     if env_id != CHEETAH:  # the ant falls over: early terminations are reproduced too
         assert a.terminated.any() and (a.lengths < kw["horizon"]).any()
+
+
+def test_without_mujoco_batch_the_generic_path_runs_and_says_so_once(monkeypatch):
+    """MuJoCo 3.x (the metaworld extra's 3.3.0) has no mujoco.batch: the built-in MuJoCo envs then
+    collect on the generic path, and one RuntimeWarning per process says so (not one per collector)."""
+    import warnings
+
+    monkeypatch.setattr(mujoco_batch, "_mj_batch", None)
+    monkeypatch.setattr(mujoco_batch, "_said_generic", False)
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(17, 6, hidden=(8,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Collector(CHEETAH, {"horizon": 10}, n_workers=0) as first, \
+                Collector(CHEETAH, {"horizon": 10}, n_workers=0) as second:
+            assert not first.fast_path and not second.fast_path
+            ep = first.collect(policy, None, [{"velocity": 1.0}], 2, seed=3)
+    said = [w for w in caught if "mujoco.batch" in str(w.message)]
+    assert len(said) == 1 and issubclass(said[0].category, RuntimeWarning), [str(w.message) for w in caught]
+    assert "generic path" in str(said[0].message)
+    assert ep.lengths.eq(10).all() and torch.isfinite(ep.returns).all()
 
 
 # ---------------------------------------------------------------------------- user envs and errors

@@ -65,6 +65,9 @@ def meta_update(policy, collector, tasks, inner: RLInnerConfig, adv_cfg: Advanta
     returns = torch.stack([data[0][0].mean_returns().mean(), valid.mean_returns().mean()])
     pre, post = (returns if reduce is None else reduce(returns.double())).tolist()
     metrics = {"return/pre": pre, "return/post": post}
+    if "success" in valid.infos:  # Meta-World: episodes with the success flag at any step (Episodes.any_step)
+        rates = torch.stack([data[0][0].any_step_rate("success").mean(), valid.any_step_rate("success").mean()])
+        metrics["success/pre"], metrics["success/post"] = (rates if reduce is None else reduce(rates.double())).tolist()
     metrics.update({f"time/{k}": v for k, v in timing.items()})
     t_outer = time.perf_counter()
     if outer.optimizer == "trpo":

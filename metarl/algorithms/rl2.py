@@ -208,22 +208,34 @@ class RL2(Method):
         self.model._n_updates = int(state.get("n_updates", 0))
 
     # -------------------------------------------------------------------------- evaluation
-    def evaluate_curves(self, policies: dict, tasks: list[dict], steps: int, seed: int) -> dict[str, np.ndarray]:
+    def evaluate_curves(self, policies: dict, tasks: list[dict], steps: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
         """Per policy, the return of episode 1..steps+1 of a trial on each task, averaged over
-        ``rl2.eval_trials`` trials: {name: [n_tasks, steps + 1]}."""
-        return {name: trial_returns(policy, self.make_trial_env, tasks, steps + 1, self.own.eval_trials, seed,
-                                    deterministic=self.own.eval_deterministic)
-                for name, policy in policies.items()}
+        ``rl2.eval_trials`` trials: {"return": {name: [n_tasks, steps + 1]}}, and when the env
+        reports ``info["success"]`` (Meta-World) the fraction of those episodes that succeed at
+        any step under "success"."""
+        out: dict[str, dict[str, np.ndarray]] = {"return": {}, "success": {}}
+        for name, policy in policies.items():
+            successes: dict = {}
+            out["return"][name] = trial_returns(policy, self.make_trial_env, tasks, steps + 1, self.own.eval_trials,
+                                                seed, deterministic=self.own.eval_deterministic, successes=successes)
+            if "success" in successes:
+                out["success"][name] = successes["success"]
+        if not out["success"]:
+            del out["success"]
+        return out
 
 
 def trial_returns(policy, make_trial_env, tasks: list[dict], episodes: int, trials: int, seed: int,
-                  deterministic: bool = False) -> np.ndarray:
+                  deterministic: bool = False, successes: Optional[dict] = None) -> np.ndarray:
     """Run ``trials`` trials of ``episodes`` inner episodes on every task with the recurrent
     ``policy`` (one hidden state per trial, carried across its episodes, fresh at its start) and
     return each episode's return averaged over the trials: [n_tasks, episodes].
 
     All trials step together in one batch; a trial that has ended only waits. Sampling uses its
-    own torch generator state (seeded by ``seed``), so evaluating does not move training's."""
+    own torch generator state (seeded by ``seed``), so evaluating does not move training's.
+    With a dict ``successes``, an env reporting ``info["success"]`` also fills
+    ``successes["success"]``: the fraction of trials whose episode k had the flag at any step
+    (Meta-World's count), [n_tasks, episodes]."""
     envs = []
     for _ in range(len(tasks) * trials):
         env = make_trial_env()
@@ -231,6 +243,7 @@ def trial_returns(policy, make_trial_env, tasks: list[dict], episodes: int, tria
         envs.append(env)
     obs = np.stack([env.reset(seed=seed * 7919 + j, options={"task": tasks[j // trials]})[0] for j, env in enumerate(envs)])
     returns = np.zeros((len(envs), episodes))
+    hit, reported = np.zeros((len(envs), episodes), dtype=bool), False
     active = np.ones(len(envs), dtype=bool)
     state, start = None, np.ones(len(envs), dtype=bool)
     with torch.random.fork_rng(devices=[]):
@@ -241,8 +254,13 @@ def trial_returns(policy, make_trial_env, tasks: list[dict], episodes: int, tria
             for j in np.flatnonzero(active):
                 o, r, trial_over, _, info = envs[j].step(actions[j])
                 returns[j, info["episode_index"]] += r
+                if "success" in info:
+                    reported = True
+                    hit[j, info["episode_index"]] |= bool(info["success"])
                 obs[j] = o
                 active[j] = not trial_over
     for env in envs:
         env.close()
+    if successes is not None and reported:
+        successes["success"] = hit.reshape(len(tasks), trials, episodes).mean(1)
     return returns.reshape(len(tasks), trials, episodes).mean(1)

@@ -26,7 +26,8 @@ Reproducibility
 The same seed gives identical Episodes, whichever path and however many workers: episode b of
 task i is reset with ``env.reset(seed=s_ib)``, ``s_ib`` derived from (seed, i, b) by
 ``numpy.random.SeedSequence``, and the action noise for all T×B episodes is drawn in one
-``randn`` call per step on the main process, whether or not an episode is still running.
+``randn`` call per step on the main process, whether or not an episode is still running. A
+share of the tasks (``shard``: a torchrun rank's, a Ray actor's) gets the same bits as well.
 
 Two paths
 ---------
@@ -138,17 +139,64 @@ def episode_seeds(seed: int, n_tasks: int, episodes_per_task: int, first_task: i
     return out
 
 
-def _shard_sampler(sample: Callable, first: int, total: int) -> Callable:
-    """``sample`` for tasks first.. of ``total``: the noise of one draw over all ``total`` tasks
-    (the others' means padded with zeros), sliced, so a rank's actions are the single-process ones."""
-    def draw(mean: Tensor, log_std: Tensor, generator) -> Tensor:
-        mean, log_std = torch.broadcast_tensors(mean, log_std)
-        n = mean.shape[0]
+def check_request(n_tasks: int, episodes_per_task: int, seed: Optional[int],
+                  generator: Optional[torch.Generator] = None) -> int:
+    """The seed of a :meth:`Collector.collect` call, after checking its sizes: ``seed`` itself, or
+    one drawn from ``generator`` when given, else from the OS (stored in ``Episodes.seed``, so
+    the batch can be re-collected)."""
+    if n_tasks == 0:
+        raise ValueError("collect needs at least one task: pass env.sample_tasks(T, rng)")
+    n_eps = episodes_per_task
+    if isinstance(n_eps, bool) or not isinstance(n_eps, (int, np.integer)) or n_eps < 1:
+        raise ValueError(f"episodes_per_task must be a positive int, got {n_eps!r}")
+    if seed is None:
+        if generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        else:
+            seed = secrets.randbits(62)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return int(seed)
 
-        def pad(t: Tensor) -> Tensor:
-            return torch.cat([t.new_zeros(first, *t.shape[1:]), t, t.new_zeros(total - first - n, *t.shape[1:])])
-        return sample(pad(mean), pad(log_std), generator)[first:first + n]
-    return draw
+
+def _act(policy: nn.Module, stacked: Mapping[str, Tensor], sample: Callable, log_prob: Callable,
+         generator: torch.Generator, x: Tensor) -> tuple[Tensor, Tensor]:
+    """One time step's actions and their log-probabilities [T, B, ...] for observations x [T, B, obs_dim],
+    one batched policy call over every task."""
+    mean, log_std = forward_tasks(policy, stacked, x)
+    actions = sample(mean, log_std, generator)
+    return actions, log_prob(mean, log_std, actions)
+
+
+def _pad_tasks(p: Tensor, first: int, total: int) -> Tensor:
+    """``p`` [n, ...] as rows first.. of a [total, ...] tensor: θ expanded over the tasks stays
+    expanded (as the whole batch holds it), per-task values are zero-padded."""
+    if p.stride(0) == 0:
+        return p[:1].expand(total, *p.shape[1:])
+    out = p.new_zeros(total, *p.shape[1:])
+    out[first:first + p.shape[0]] = p
+    return out
+
+
+def _shard_act(policy, stacked, sample, log_prob, generator, first: int, total: int) -> Callable:
+    """:func:`_act` for tasks first.. of ``total``, computed as the whole batch computes them.
+
+    The other tasks' observations and parameters are padded (zeros), the step runs on all
+    ``total`` tasks, and this share's rows are kept. Drawing the noise for all ``total`` tasks
+    keeps the random stream; running the policy at the whole batch's shape too keeps the bits:
+    torch's element-wise kernels compute a tensor's last ``numel mod 32`` elements with scalar
+    libm calls and the rest with SIMD ones, which differ in the last ulp for ``exp`` and ``tanh``,
+    so a share's own smaller tensors moved its actions by 3e-8 here (HalfCheetahVel, torch 2.13).
+    The cost: each share pays the whole batch's policy forward (cheap next to stepping its envs)."""
+    padded = {name: _pad_tasks(p, first, total) for name, p in stacked.items()}
+
+    def act(x: Tensor) -> tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        whole = x.new_zeros(total, *x.shape[1:])
+        whole[first:first + n] = x
+        actions, logp = _act(policy, padded, sample, log_prob, generator, whole)
+        return actions[first:first + n], logp[first:first + n]
+    return act
 
 
 def lockstep_selection(lengths: Tensor, timesteps: int) -> Optional[Tensor]:
@@ -704,35 +752,27 @@ class Collector:
                 drawn from ``generator`` when given, else from the OS; it is stored in ``Episodes.seed``.
             generator: action-noise generator to use instead of one seeded from ``seed``.
             shard: (first, total): ``tasks`` are tasks first.. of a meta-batch of ``total``
-                (one torchrun rank's share, :mod:`metarl.distributed`); their episodes are then
-                exactly those of one ``collect`` over the whole meta-batch: reset seeds of their
-                global indices, action noise drawn for all ``total`` tasks and sliced.
+                (one torchrun rank's or Ray actor's share, :mod:`metarl.distributed`,
+                :mod:`metarl.rollouts.ray_collector`); their episodes are then bitwise those of
+                one ``collect`` over the whole meta-batch: reset seeds of their global indices,
+                and each step's policy call and action noise computed for all ``total`` tasks
+                (the others padded) and sliced (:func:`_shard_act`).
         """
         tasks = [dict(t) for t in tasks]
         n_tasks, n_eps = len(tasks), episodes_per_task
-        if n_tasks == 0:
-            raise ValueError("collect needs at least one task: pass env.sample_tasks(T, rng)")
-        if isinstance(n_eps, bool) or not isinstance(n_eps, (int, np.integer)) or n_eps < 1:
-            raise ValueError(f"episodes_per_task must be a positive int, got {n_eps!r}")
-        if seed is None:
-            if generator is not None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            else:
-                seed = secrets.randbits(62)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        seed = int(seed)
+        seed = check_request(n_tasks, n_eps, seed, generator)
         if generator is None:
             generator = torch.Generator().manual_seed(seed)
         stacked = self._stacked_params(policy, params, n_tasks)
         dtype = next(iter(stacked.values())).dtype
         sample, log_prob = self._distribution_fns(policy)
         first = 0
+        act = functools.partial(_act, policy, stacked, sample, log_prob, generator)
         if shard is not None:
             first, total = shard
             if not 0 <= first <= total - n_tasks:
                 raise ValueError(f"shard {shard}: {n_tasks} tasks from index {first} do not fit a meta-batch of {total}")
-            sample = _shard_sampler(sample, first, total)
+            act = _shard_act(policy, stacked, sample, log_prob, generator, first, total)
 
         n = n_tasks * n_eps
         slot_tasks = [tasks[k // n_eps] for k in range(n)]
@@ -756,10 +796,7 @@ class Collector:
         with torch.no_grad():
             while active.any() and t < cap:
                 obs_buf[t, active] = obs_now[active]
-                x = torch.as_tensor(obs_now, dtype=dtype).reshape(n_tasks, n_eps, d)
-                mean, log_std = forward_tasks(policy, stacked, x)
-                actions = sample(mean, log_std, generator)
-                logp = log_prob(mean, log_std, actions)
+                actions, logp = act(torch.as_tensor(obs_now, dtype=dtype).reshape(n_tasks, n_eps, d))
                 actions = actions.reshape(n, a_dim)
                 keep = torch.from_numpy(active)
                 act_buf[t] = torch.where(keep[:, None], actions, torch.zeros((), dtype=dtype))

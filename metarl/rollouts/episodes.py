@@ -113,6 +113,19 @@ class Episodes:
         """[T], the average undiscounted return over each task's (non-empty) episodes."""
         return self.returns.sum(-1) / self.episode_counts.clamp(min=1).to(self.returns.dtype)
 
+    def any_step(self, key: str) -> Tensor:
+        """[T, B] bool: was ``infos[key]`` non-zero at any valid step of each episode (Meta-World's
+        success: the flag set at any step of the episode, as its ``evaluation.py`` counts it)."""
+        if key not in self.infos:
+            raise KeyError(f"no info {key!r} recorded; recorded: {sorted(self.infos)}")
+        x = self.infos[key]
+        hit = (x != 0) & ~torch.isnan(x) & (self.mask > 0)
+        return hit.any(dim=1)
+
+    def any_step_rate(self, key: str) -> Tensor:
+        """[T], the fraction of each task's (non-empty) episodes for which :meth:`any_step` holds."""
+        return self.any_step(key).to(self.returns.dtype).sum(-1) / self.episode_counts.clamp(min=1).to(self.returns.dtype)
+
     @property
     def n_steps(self) -> int:
         """Total number of valid env steps in the batch (what a sampler's throughput counts)."""

@@ -18,8 +18,9 @@ converges to a value differing in the last bits, and HalfCheetah's contact dynam
 measured here, 2e-12 after 5 steps, 3e-10 after 20 and O(1) after 100 steps. ``mujoco.batch.Batch``
 (MuJoCo >= 4.0) stores each simulation as its full ``mjSTATE_INTEGRATION`` row (warm-start
 included) and its results are bit-identical to stepping one ``MjData`` per simulation at any
-thread count, so this path reproduces ``env.step`` *exactly*. Without ``mujoco.batch`` the fast
-path declares itself unsupported and the collector uses the (exact) generic path.
+thread count, so this path reproduces ``env.step`` *exactly*. Without ``mujoco.batch`` (MuJoCo
+3.x, e.g. the 3.3.0 the ``metaworld`` extra pins) the fast path declares itself unsupported, says
+so once per process (:func:`say_generic_path_once`) and the collector uses the (exact) generic path.
 
 Guarantees (checked by ``tests/test_rollouts.py`` and by :func:`self_check` at collector start)
 -----------------------------------------------------------------------------------------------
@@ -33,16 +34,48 @@ Guarantees (checked by ``tests/test_rollouts.py`` and by :func:`self_check` at c
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Optional, Sequence
 
+import mujoco as _mujoco
 import numpy as np
 
-__all__ = ["fast_path_unsupported", "MujocoBatchStepper", "self_check"]
+__all__ = ["fast_path_unsupported", "MujocoBatchStepper", "self_check", "say_generic_path_once"]
 
-try:  # MuJoCo >= 4.0
-    from mujoco import batch as _mj_batch
-except ImportError:  # pragma: no cover - depends on the installed MuJoCo
-    _mj_batch = None
+
+def _load_batch():
+    """``mujoco.batch`` if the installed MuJoCo has it (>= 4.0), else None. The version is checked
+    first: MuJoCo's package extends its ``__path__`` over every ``site-packages`` it is found in,
+    so a 3.x install layered over a 4.x one (a venv on top of another, as ``.venv-mw``) would
+    otherwise import 4.x's ``batch.py`` against 3.x's compiled enums and fail on import."""
+    try:
+        major = int(str(_mujoco.__version__).split(".")[0])
+    except ValueError:  # pragma: no cover - an unparsable version: let the import decide
+        major = 4
+    if major < 4:
+        return None
+    try:
+        from mujoco import batch
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the installed MuJoCo
+        return None
+    return batch
+
+
+_mj_batch = _load_batch()
+_said_generic = False
+
+
+def say_generic_path_once(env_name: str) -> None:
+    """The one notice (a RuntimeWarning, once per process) that an env which declares the fast path
+    runs on the generic one because this MuJoCo has no ``mujoco.batch`` (e.g. the 3.3.0 that the
+    ``metaworld`` extra pins). The results are the same (the generic path is the exact reference);
+    only collection is slower."""
+    global _said_generic
+    if not _said_generic:
+        _said_generic = True
+        warnings.warn(f"{env_name}: MuJoCo {_mujoco.__version__} has no mujoco.batch (needs >= 4.0): the MuJoCo fast "
+                      f"path is off and every env steps on the generic path (same results, slower)", RuntimeWarning,
+                      stacklevel=3)
 
 # Wrappers gymnasium.make adds that change neither observations, rewards nor dynamics.
 _BENIGN_WRAPPERS = ("TimeLimit", "OrderEnforcing", "PassiveEnvChecker")
@@ -72,8 +105,6 @@ def fast_path_unsupported(env) -> Optional[str]:
     ``batch_observation``/``batch_reward``/``batch_terminated`` functions (the contract of
     :mod:`metarl.envs.locomotion`). Any wrapper other than those ``gymnasium.make`` adds could
     change observations or rewards behind those functions' back, so it disables the fast path."""
-    if _mj_batch is None:
-        return "mujoco.batch is not available (needs MuJoCo >= 4.0)"
     for w in _wrapper_chain(env)[:-1]:
         if type(w).__name__ not in _BENIGN_WRAPPERS:
             return f"wrapper {type(w).__name__} may change observations or rewards"
@@ -91,6 +122,9 @@ def fast_path_unsupported(env) -> Optional[str]:
         return "rendering is on (render_mode is not None)"
     if not isinstance(getattr(base, "horizon", None), (int, np.integer)):
         return f"{type(base).__name__} has no integer horizon"
+    if _mj_batch is None:  # checked last: the env qualifies, only this MuJoCo lacks the batch stepper
+        say_generic_path_once(getattr(env.spec, "id", None) or type(base).__name__)
+        return f"mujoco.batch is not available in MuJoCo {_mujoco.__version__} (needs >= 4.0)"
     return None
 
 

@@ -17,7 +17,7 @@ evaluation includes those that exist.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from ..algorithms.trpo import RLOuterConfig
 from ..config import ConfigError, resumable
 from ..evaluation import EvalResult, check_step_grid, step_size_record
 from ..functional import params_of
+from metarl.envs.base import sample_split
 from ..registry import register_track
 from .base import EvalConfig, RunConfig, Track
 
@@ -55,7 +56,23 @@ class PolicyConfig:
 @dataclass
 class SamplerConfig:
     workers: int = 2
-    """Worker processes stepping the envs (0 = in-process)."""
+    """Worker processes stepping the envs (0 = in-process); with ``backend: ray``, the number of
+    Ray actors (at least 1)."""
+    backend: Literal["local", "ray"] = "local"
+    """Where episodes are collected. "local": this machine's worker processes (or in-process).
+    "ray": Ray actors, each holding its own envs and collecting a contiguous share of the
+    meta-batch's tasks under the parameters it is sent (metarl/rollouts/ray_collector.py); the
+    episodes are identical to "local" for the same seed. Needs the ``distributed`` extra."""
+    ray_address: Optional[str] = None
+    """With ``backend: ray``: the address of a running Ray cluster ("auto", "HOST:6379",
+    "ray://HOST:10001"); null starts a local Ray instance with ``workers`` CPUs, which stops with
+    the run, even a SIGKILLed one."""
+    ray_timeout: float = 600.0
+    """With ``backend: ray``: seconds a collection may take before the run stops with one line
+    (an actor that hangs, or a cluster without the CPUs for the actors), never a hang."""
+    ray_restarts: int = 1
+    """With ``backend: ray``: how often, within one collection, an actor that died is replaced and
+    its share re-collected (deterministically: the same episodes) before the run stops."""
 
 
 @dataclass
@@ -110,6 +127,9 @@ class RLConfig(RunConfig):
             bare = import_env_module(self.env.id)
         except ValueError as e:
             raise ConfigError(f"env.id: {e}") from None
+        from metarl.envs.registration import missing_extra
+        if bare not in gym.registry and missing_extra(bare):
+            raise ConfigError(f"env.id: {missing_extra(bare)}")
         if bare not in gym.registry:
             near = difflib.get_close_matches(self.env.id, [k for k in gym.registry if "/" in k], n=3)
             raise ConfigError(f"unknown env.id '{self.env.id}'" + (f": did you mean {', '.join(near)}?" if near else
@@ -122,6 +142,7 @@ class RLConfig(RunConfig):
             raise ConfigError("meta_batch and inner.episodes must be >= 1")
         from ..config import in_range  # upper bounds: one iteration must end (see in_range)
         in_range("meta_batch", self.meta_batch, 1, 100_000), in_range("sampler.workers", self.sampler.workers, 0, 1_024)
+        self._validate_sampler()
         in_range("policy.hidden", self.policy.hidden, 1, 100_000), in_range("policy.init_std", self.policy.init_std, 0, open_low=True)
         in_range("ppo_baselines.timesteps", self.ppo_baselines.timesteps, 1)
         for key in ("timesteps", "eval_episodes", "eval_timesteps"):
@@ -141,6 +162,25 @@ class RLConfig(RunConfig):
         if self.inner.eval_protocol == "rllab" and self.inner.eval_timesteps is None:
             raise ConfigError("inner.eval_protocol 'rllab' sizes test batches in steps: set inner.eval_timesteps too (the paper: 4000)")
 
+    def _validate_sampler(self):
+        """sampler.backend and its Ray settings: one line each, before any env or actor starts."""
+        from ..config import in_range
+        s = self.sampler
+        if s.backend != "ray":
+            if s.ray_address is not None:
+                raise ConfigError(f"sampler.ray_address is set ({s.ray_address!r}) but sampler.backend is "
+                                  f"'{s.backend}': add --set sampler.backend=ray")
+            return
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            from ..extras import DISTRIBUTION
+            raise ConfigError(f"sampler.backend ray needs ray: pip install '{DISTRIBUTION}[distributed]' "
+                              f"(in a checkout: pip install -e '.[distributed]')")
+        in_range("sampler.workers", s.workers, 1, 1_024)
+        in_range("sampler.ray_timeout", s.ray_timeout, 0, open_low=True)
+        in_range("sampler.ray_restarts", s.ray_restarts, 0, 100)
+
 
 class RLTrack(Track):
     def __init__(self, cfg: RLConfig):
@@ -156,7 +196,13 @@ class RLTrack(Track):
         mk = lambda: GaussianMLPPolicy(obs_dim, act_dim, cfg.policy.hidden, cfg.policy.activation, cfg.policy.init_std,
                                        init=cfg.policy.init)
         self._new_policy = mk
-        self.collector = Collector(cfg.env.id, env_kwargs=cfg.env.kwargs, n_workers=cfg.sampler.workers)
+        if cfg.sampler.backend == "ray":
+            from ..rollouts.ray_collector import RayCollector
+            s = cfg.sampler
+            self.collector = RayCollector(cfg.env.id, env_kwargs=cfg.env.kwargs, n_actors=s.workers, address=s.ray_address,
+                                          timeout=s.ray_timeout, restarts=s.ray_restarts)
+        else:
+            self.collector = Collector(cfg.env.id, env_kwargs=cfg.env.kwargs, n_workers=cfg.sampler.workers)
         self.method = registry.find_algorithm(cfg.algorithm, "rl")(self, cfg)
         self.policy = self.method.policy
         self.modules.update(self.method.modules)
@@ -196,7 +242,7 @@ class RLTrack(Track):
         getattr(self.method, "close", lambda: None)()  # a method's own envs (RL²'s vector env)
 
     def train_step(self, iteration: int, rng: np.random.Generator) -> dict[str, float]:
-        tasks = self.task_env.sample_tasks(self.cfg.meta_batch, rng)
+        tasks = sample_split(self.task_env, self.cfg.meta_batch, rng, "train")
         seed = int(rng.integers(2**31 - 1))
         return self.method.train_step(tasks, seed)
 
@@ -227,15 +273,23 @@ class RLTrack(Track):
 
     def evaluate(self, n_tasks: int, steps: int, seed: int, tasks: list[dict] | None = None) -> EvalResult:
         """Adaptation curves on ``n_tasks`` fresh tasks drawn with ``seed``, or on ``tasks``.
+        Fresh tasks come from the env's test split when it has one (Meta-World's held-out goals
+        and classes), else from its one distribution on a seed stream disjoint from training's.
         With ``inner.eval_lr_grid`` each adapted method's step sizes are first chosen on
-        validation tasks drawn from a separate stream (never the test tasks)."""
+        validation tasks drawn from a separate stream of the train split (never the test tasks).
+        When the env reports ``info["success"]`` the result also holds the success curve
+        (:func:`success_curves`)."""
         cfg = self.cfg
+        # an env with a held-out split says which one the curves are on (adaptation.json "eval_split")
+        split_note = {"eval_split": "test" if tasks is None else "tasks file"} if getattr(self.task_env, "task_splits", ()) else {}
         if tasks is None:
-            tasks = self.task_env.sample_tasks(n_tasks, np.random.default_rng([seed, 1]))
+            tasks = sample_split(self.task_env, n_tasks, np.random.default_rng([seed, 1]), "test")
         if hasattr(self.method, "evaluate_curves"):  # a black-box method (RL²): its own curve, no inner steps
-            curves = self.method.evaluate_curves(dict(self.modules), tasks, steps, seed)
-            curves.update(self._oracle_curve(tasks, seed, steps))
-            return EvalResult("return", True, curves, algorithm=self.method.name, curve_axis=self.method.curve_axis)
+            by_metric = self.method.evaluate_curves(dict(self.modules), tasks, steps, seed)
+            curves = {**by_metric["return"], **self._oracle_curve(tasks, seed, steps)}
+            result = EvalResult("return", True, curves, algorithm=self.method.name, curve_axis=self.method.curve_axis)
+            result.extra.update({**success_summary(by_metric.get("success", {}), tasks), **split_note})
+            return result
         adapted = dict(self.modules)
         if self.run_dir is not None and self.baseline_path("pretrain").exists():
             from .. import rl_baselines as rb
@@ -243,8 +297,8 @@ class RLTrack(Track):
         batch = dict(episodes=cfg.inner.eval_episodes or cfg.inner.episodes, adv_cfg=cfg.advantages, seed=seed,
                      timesteps=cfg.inner.eval_timesteps, lockstep=cfg.inner.eval_protocol == "rllab")
         grid = cfg.inner.eval_lr_grid
-        validation = None if grid is None else self.task_env.sample_tasks(cfg.eval.validation_tasks,
-                                                                          np.random.default_rng([seed, 2]))
+        validation = None if grid is None else sample_split(self.task_env, cfg.eval.validation_tasks,
+                                                            np.random.default_rng([seed, 2]), "train")
         fixed_lr = cfg.inner.eval_lr if cfg.inner.eval_lr is not None else cfg.inner.lr
         curves, data_by_method, chosen = {}, {}, {}
         for name, policy in adapted.items():
@@ -258,6 +312,7 @@ class RLTrack(Track):
         curves.update(self._oracle_curve(tasks, seed, steps))
         result = EvalResult("return", True, curves, step_sizes=chosen, algorithm=self.method.name,
                             curve_axis=self.method.curve_axis)
+        result.extra.update({**success_curves(data_by_method, tasks), **split_note})
         maml_data = data_by_method[self.method.name]
         if "Navigation2D" in cfg.env.id:
             result.figures["trajectories.png"] = lambda path: _nav_plot(path, tasks, maml_data)
@@ -275,6 +330,39 @@ class RLTrack(Track):
         ret = rb.oracle_returns(rb.load_baseline(self.baseline_path("oracle")), cfg.env.id, cfg.env.kwargs, tasks,
                                 episodes=cfg.inner.eval_episodes or cfg.inner.episodes, seed=seed)
         return {"oracle": np.repeat(np.asarray(ret)[:, None], steps + 1, axis=1)}
+
+
+def success_curves(data_by_method: dict, tasks: list[dict]) -> dict:
+    """``{"success": {method: {"mean", "ci95"}}, "success_by_env": {method: {env_name: [...]}}}``
+    when the episodes carry ``info["success"]`` (Meta-World), else ``{}``.
+
+    Counted as Meta-World's ``evaluation.py`` counts it: an episode succeeds if the flag is set at
+    any of its steps (its evaluation ends an episode at the first success); a task's success at
+    inner step k is the fraction of its episodes collected after k inner steps that succeed; the
+    95% interval is over tasks, as the return's. ``success_by_env`` averages the tasks of each
+    Meta-World class (ML10/ML45 report success per test class)."""
+    first = next(iter(data_by_method.values()))
+    if "success" not in (first[0][0].infos or {}):
+        return {}
+    return success_summary({name: np.stack([eps.any_step_rate("success").numpy() for eps, _ in data], axis=1)
+                            for name, data in data_by_method.items()}, tasks)
+
+
+def success_summary(rates: dict, tasks: list[dict]) -> dict:
+    """The adaptation.json entries of :func:`success_curves` from per-task success rates
+    {method: [n_tasks, steps + 1]} ({} when there are none)."""
+    from ..evaluation import mean_ci95
+
+    if not rates:
+        return {}
+    out, by_env = {}, {}
+    names = [t.get("env_name", "") for t in tasks]
+    for name, rate in rates.items():
+        mean, ci = mean_ci95(rate)
+        out[name] = {"mean": mean.tolist(), "ci95": ci.tolist()}
+        by_env[name] = {env: rate[[i for i, n in enumerate(names) if n == env]].mean(0).tolist()
+                        for env in dict.fromkeys(names)}
+    return {"success": out, "success_by_env": by_env}
 
 
 def _velocity_plot(path, tasks, data):
