@@ -260,8 +260,8 @@ def omniglot(extra):
 
 @pytest.mark.slow
 def test_short_omniglot_run_beats_chance(tmp_path, monkeypatch, cache):
-    """1,000 iterations of 8 episodes at tiny sizes (slow: ~1-2 minutes on a loaded 2-core
-    machine). At 400 iterations the memory is still on the chance plateau (24% after one shot);
+    """1,000 iterations of 8 episodes at tiny sizes (slow: 24 s at load 3, ~2 minutes at load 12
+    on the 2-core machine). At 400 iterations the memory is still on the chance plateau (24% after one shot);
     it leaves it from ~600 (61% at 1,500)."""
     monkeypatch.setenv("METARL_CACHE", cache)
     cfg = omniglot(["iterations=1000", "meta_batch=8", "checkpoint_every=1000", "log_every=100", "mann.lr=0.003"])

@@ -123,8 +123,8 @@ class MemoryLearner(nn.Module):
     e^{±1} barely matters), so a read returns the mean of the memory; ``mann.key_strength: false``
     restores β = 1.
 
-    The key tanh(W_k h_t) is both the read key and the vector written (as in the paper); that is why the read must address the memory before this step's write
-    (:func:`lrua_step`). The embedding should be centred (``ImageEmbedding(centre=True)``): at
+    The key tanh(W_k h_t) is both the read key and the vector written (as in the paper); that is
+    why the read must address the memory before this step's write (:func:`lrua_step`). The embedding should be centred (``ImageEmbedding(centre=True)``): at
     initialisation on Omniglot the mean pairwise cosine of 160 characters' keys is 0.91 with the
     raw embedding and 0.45 with the centred one, and cosine addressing can only pick a slot by
     direction."""
