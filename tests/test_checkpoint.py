@@ -171,3 +171,25 @@ def test_a_run_left_without_checkpoint_pt_resumes_from_previous(tmp_path):
     checkpoint.save(tmp_path, state(4))
     os.replace(tmp_path / checkpoint.LATEST, tmp_path / checkpoint.PREVIOUS)
     assert checkpoint.load(tmp_path)["iteration"] == 4
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_in_one_line():
+    """Saved tensors that do not fit the model the code builds (a key missing, one too many, or
+    another shape: a checkpoint of an older version) raise CheckpointError naming the keys, before
+    any tensor is copied; a fitting one loads."""
+    from metarl.tracks.base import Track
+    torch.manual_seed(0)
+    track = Track(cfg=None)
+    track.modules = {"net": torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))}
+    before = {k: v.clone() for k, v in track.modules["net"].state_dict().items()}
+    good = {k: v + 1 for k, v in before.items()}
+    missing = {k: v for k, v in good.items() if not k.startswith("1.")}
+    extra = {**good, "2.weight": torch.ones(3)}
+    resized = {**good, "0.bias": torch.zeros(4)}
+    for saved, said in ((missing, "missing 1.bias, 1.num_batches_tracked, 1.running_mean ..."),
+                        (extra, "unexpected 2.weight"), (resized, "other shape 0.bias")):
+        with pytest.raises(CheckpointError, match=f"'net' does not fit .*\\({said}\\)"):
+            track.load_state_dict({"modules": {"net": saved}, "optimizers": {}})
+        assert all(torch.equal(v, before[k]) for k, v in track.modules["net"].state_dict().items())
+    track.load_state_dict({"modules": {"net": good}, "optimizers": {}})
+    assert all(torch.equal(v, good[k]) for k, v in track.modules["net"].state_dict().items())

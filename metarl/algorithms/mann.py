@@ -5,8 +5,11 @@ Two learners under the paper's task protocol (sec. 3, fig. 1a), chosen by ``mann
 
 - ``lrua`` (default): the memory-augmented network itself, an LSTM controller with an external
   memory written and read by least-recently-used access (sec. 3.2, :func:`lrua_step`): content
-  reads by cosine similarity, writes to the previously read slot or the least-used one (a learned
-  gate), usage decaying by γ, the least-used slot cleared before each write;
+  reads by cosine similarity of the memory as earlier steps left it (not this step's own write),
+  writes to the previously read slot or the least-used one (a learned gate), usage decaying by γ,
+  the least-used slot cleared before each write; N·K + 1 slots by default (``mann.slots``), and
+  the embedding centred by a batch norm (``mann.centre_embedding``) so that keys differ in
+  direction, which is all cosine addressing sees;
 - ``none``: the paper's *LSTM baseline*, the controller alone (the state must hold everything).
 
 At time t the controller
@@ -26,7 +29,7 @@ support examples per class seen (``blackbox.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,22 +82,34 @@ def lrua_step(memory: Tensor, read_prev: Tensor, usage_prev: Tensor, least_prev:
               gamma: float, strength: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One least-recently-used-access step (Santoro et al. 2016, sec. 3.2, eqs. 4-8), batched over
     tasks: memory [T, slots, width]; previous read / usage / least-used weights [T, slots]; the
-    controller's key [T, width], write-gate logit [T, 1] and key strength β [T, 1] (or 1). Returns (memory, read weights, usage,
-    least-used weights, read vector).
+    controller's key [T, width], write-gate logit [T, 1] and key strength β [T, 1] (or 1). Returns
+    (memory after the write, read weights, usage, least-used weights, read vector).
 
+    w^r = softmax_i β cos(k_t, M_{t−1}(i)),  r_t = Σ_i w^r(i) M_{t−1}(i)   (read before this write; Santoro et al.: β = 1)
     w^w = σ(α) w^r_{t−1} + (1 − σ(α)) w^lu_{t−1}   (write to the slot just read, or to the least used)
     M_t = M_{t−1} ⊙ (1 − w^lu_{t−1}) + w^w ⊗ k_t  (the least-used slot is cleared first)
-    w^r = softmax_i β cos(k_t, M_t(i)),  r_t = Σ_i w^r(i) M_t(i)   (Santoro et al.: β = 1)
     w^u = γ w^u_{t−1} + w^r + w^w,  w^lu = one-hot of the least-used slot (one read head; ties go
-    to the first slot, so an empty memory fills slot by slot)."""
+    to the first slot, so an empty memory fills slot by slot).
+
+    Why the read addresses M_{t−1}: the key k_t is also the vector written (as in the paper,
+    whose write adds w^w_t(i) k_t), so reading M_t would find cos(k_t, M_t(write slot)) ≈ 1 and
+    hand back what this step just stored, carrying nothing from earlier steps; the learner then
+    stayed at chance. The paper's notation does not settle the order within a step (sec. 3.1 has a
+    key either stored in a row or used to retrieve one; both the read and the write name M_t).
+    snowkylin/ntm's ``mann_cell.py`` computes the read weights from the previous memory
+    (``read_head_addressing(k, prev_M)``); tristandeleu/ntm-one-shot addresses M_t but writes a
+    separate add vector a_t, which also avoids the self-match. Here the read sees everything
+    stored up to step t − 1 and this step's write is visible from step t + 1 on (a query, one step
+    after the support set, reads all N·K support writes)."""
+    cos = torch.einsum("tw,tsw->ts", key, memory) / (key.norm(dim=-1, keepdim=True) * memory.norm(dim=-1) + 1e-8)
+    read = torch.softmax(strength * cos, dim=-1)
+    r = torch.einsum("ts,tsw->tw", read, memory)
     sigma = torch.sigmoid(gate)
     write = sigma * read_prev + (1 - sigma) * least_prev
     memory = memory * (1 - least_prev).unsqueeze(-1) + write.unsqueeze(-1) * key.unsqueeze(1)
-    cos = torch.einsum("tw,tsw->ts", key, memory) / (key.norm(dim=-1, keepdim=True) * memory.norm(dim=-1) + 1e-8)
-    read = torch.softmax(strength * cos, dim=-1)
     usage = gamma * usage_prev + read + write
     least = F.one_hot(usage.argmin(-1), usage.shape[-1]).to(usage.dtype)
-    return memory, read, usage, least, torch.einsum("ts,tsw->tw", read, memory)
+    return memory, read, usage, least, r
 
 
 class MemoryLearner(nn.Module):
@@ -104,8 +119,15 @@ class MemoryLearner(nn.Module):
 
     One addition to the paper's read: a key strength β = 1 + softplus(W_β h_t), the sharpening of
     the Neural Turing Machine's content addressing (Graves et al. 2014, eq. 5) that Santoro et al.
-    leave out. With β = 1 a softmax over cosines in [−1, 1] across 128 slots is nearly uniform, so
-    a read returns the mean of the memory; ``mann.key_strength: false`` restores β = 1."""
+    leave out. With β = 1 a softmax over cosines in [−1, 1] is nearly uniform (across 128 slots
+    e^{±1} barely matters), so a read returns the mean of the memory; ``mann.key_strength: false``
+    restores β = 1.
+
+    The key tanh(W_k h_t) is both the read key and the vector written (as in the paper); that is
+    why the read must address the memory before this step's write (:func:`lrua_step`). The embedding should be centred (``ImageEmbedding(centre=True)``): at
+    initialisation on Omniglot the mean pairwise cosine of 160 characters' keys is 0.91 with the
+    raw embedding and 0.45 with the centred one, and cosine addressing can only pick a slot by
+    direction."""
 
     def __init__(self, n_way: int, embedding: nn.Module, hidden: int, slots: int, width: int, gamma: float,
                  label_delay: bool = False, key_strength: bool = True):
@@ -164,10 +186,17 @@ class MANNConfig:
     """Filters of the embedding's four conv blocks."""
     lstm: int = 200
     """LSTM (controller) units (Santoro et al.'s controller: 200)."""
-    slots: int = 128
-    """Memory slots (Santoro et al.'s Omniglot runs: 128)."""
+    slots: Optional[int] = None
+    """Memory slots; null: N·K + 1, one per support example and one spare, resolved from the
+    episode at build time (a slot per example is all an episode can fill; with 128, Santoro et al.'s
+    size for their 50-step episodes, 5w1s learned far slower: 33% vs 76% after 300 iterations,
+    experiments/RESULTS.md session 10)."""
     width: int = 40
     """Width of a memory slot, the key size (Santoro et al.: 40)."""
+    centre_embedding: bool = True
+    """Centre and normalise the embedding over the meta-batch (``ImageEmbedding(centre=True)``):
+    the controller's keys are compared by cosine, which cannot tell apart keys that all share one
+    offset; see ``policies/embedding.py``."""
     gamma: float = 0.95
     """Usage decay γ of the least-recently-used access."""
     support_loss: float = 0.0
@@ -199,8 +228,9 @@ class MANN(BlackBox):
     """As SNAIL's: no pretrain baseline by default; evaluation reveals the whole support set."""
 
     def build(self, in_channels: int, image_size: int) -> nn.Module:
-        c = self.own
-        embedding = ImageEmbedding(in_channels, image_size, hidden=c.hidden, out_dim=c.embedding)
+        c, ep = self.own, self.cfg.episode
+        embedding = ImageEmbedding(in_channels, image_size, hidden=c.hidden, out_dim=c.embedding, centre=c.centre_embedding)
         if c.memory == "none":
             return LSTMLearner(self.n_way, embedding, c.lstm, c.label_delay)
-        return MemoryLearner(self.n_way, embedding, c.lstm, c.slots, c.width, c.gamma, c.label_delay, c.key_strength)
+        slots = ep.n_way * ep.k_shot + 1 if c.slots is None else c.slots
+        return MemoryLearner(self.n_way, embedding, c.lstm, slots, c.width, c.gamma, c.label_delay, c.key_strength)

@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 from torch import nn
 
+from ..checkpoint import CheckpointError
 from ..config import resumable
 
 
@@ -77,7 +78,7 @@ class Track:
 
     def load_state_dict(self, state: dict) -> None:
         for k, m in self.modules.items():
-            m.load_state_dict(state["modules"][k])
+            _load_module(k, m, state["modules"][k])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
         method = getattr(self, "method", None)
@@ -103,3 +104,20 @@ class Track:
 
     def evaluate(self, n_tasks: int, steps: int, seed: int):
         raise NotImplementedError
+
+
+def _load_module(name: str, module: nn.Module, saved: dict) -> None:
+    """``module.load_state_dict(saved)``, or a one-line :class:`CheckpointError` when the saved tensors
+    do not fit the model the current code builds from the run's config (a checkpoint written by a
+    version with another architecture, e.g. a MANN run from before ``mann.centre_embedding``). The
+    checkpoint is left as it is."""
+    own = module.state_dict()
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    resized = sorted(k for k in own.keys() & saved.keys() if own[k].shape != saved[k].shape)
+    if missing or unexpected or resized:
+        said = "; ".join(f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                         for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", resized)) if keys)
+        raise CheckpointError(f"the checkpoint's '{name}' does not fit the model this metarl builds from the run's config "
+                              f"({said}): it was written by a version with another architecture; evaluate it with that "
+                              f"version or train it again")
+    module.load_state_dict(saved)
