@@ -86,6 +86,18 @@ def test_waves_of_reused_envs_equal_one_env_per_slot(env_id, kw, dims, tasks, n_
         assert torch.equal(ref_state, state), (n_workers, max_envs)
 
 
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_timestep_budgets_in_waves_equal_one_env_per_slot(lockstep):
+    """collect_timesteps runs rounds of collect: with waves its batches are the same, bit for bit."""
+    torch.manual_seed(1)
+    policy = GaussianMLPPolicy(2, 2, hidden=(8,))
+    got = []
+    for max_envs in (None, 3):
+        with Collector(NAV, NAV_KW, n_workers=0, max_envs=max_envs) as c:
+            got.append(c.collect_timesteps(policy, None, NAV_TASKS, 100, seed=2, lockstep=lockstep))
+    assert_every_field_equal(*got)
+
+
 def test_a_bad_step_in_a_later_wave_names_its_own_task_and_episode():
     policy = GaussianMLPPolicy(2, 1, hidden=(4,))
     with Collector(BrokenEnv, {"mode": "nan"}, n_workers=0, max_episode_steps=10, max_envs=1) as c:

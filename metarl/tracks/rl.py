@@ -59,7 +59,7 @@ class SamplerConfig:
     max_envs: Optional[int] = None
     """At most this many envs per worker (0 workers: in all); null = one env per episode slot.
     A meta-batch with more slots runs in waves that reuse the envs, each episode reset with its
-    own task and seed: the same episodes, bit for bit, in less memory (Meta-World: ~28 MB per env),
+    own task and seed: the same episodes, bit for bit, in less memory (Meta-World reach: ~21 MB per env),
     at the cost of one policy call over the whole batch per step of each wave. Needs an env whose
     set_task + reset(seed=...) fixes the episode (Gymnasium's contract; check_task_env checks it).
     Generic path only: the MuJoCo fast path holds one small MjData per slot."""
