@@ -269,44 +269,54 @@ def measure_pool(spec: dict) -> dict:
 
 def pool_comparison(name: str, args: argparse.Namespace) -> None:
     """Plain loop, one env per slot and ``max_envs`` per worker, printed side by side."""
-    env, _, label = POOL_ENVS[name]
+    env = POOL_ENVS[name][0]
     horizon = args.pool_horizon or (args.horizon if env == ENV_ID else 500)
     n_slots = args.pool_tasks * args.pool_episodes
-    base = {"env": name, "tasks": args.pool_tasks, "episodes": args.pool_episodes, "horizon": horizon,
-            "workers": args.workers}
+    base = {"env": name, "tasks": args.pool_tasks, "episodes": args.pool_episodes, "horizon": horizon}
 
-    def in_fresh_process(max_envs):
-        spec = json.dumps({**base, "max_envs": max_envs})
+    def in_fresh_process(workers, max_envs):
+        spec = json.dumps({**base, "workers": workers, "max_envs": max_envs})
         p = subprocess.run([sys.executable, __file__, "--measure-pool", spec], capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(f"measuring {spec} failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
         return json.loads(p.stdout.strip().splitlines()[-1])
 
+    per_worker = -(-n_slots // max(1, args.workers))
+    configs = {  # label -> (workers, max_envs, envs per worker)
+        "collector, in-process, one env per slot": (0, None, n_slots),
+        f"collector, {args.workers} workers, one env per slot": (args.workers, None, per_worker),
+        f"collector, {args.workers} workers, max_envs={args.max_envs}": (args.workers, args.max_envs,
+                                                                         min(per_worker, args.max_envs)),
+    }
+    if not args.pool_inprocess:
+        configs.pop("collector, in-process, one env per slot")
     load = os.getloadavg()[0]
     plain_steps = min(n_slots * horizon, args.plain_steps)
-    plain, runs = [plain_loop_rate(name, horizon, plain_steps)], {None: [], args.max_envs: []}
-    for _ in range(args.pool_repeats):  # interleaved, so that a change of machine load hits all three
-        for max_envs in runs:
-            runs[max_envs].append(in_fresh_process(max_envs))
+    plain, runs = [plain_loop_rate(name, horizon, plain_steps)], {label: [] for label in configs}
+    for _ in range(args.pool_repeats):  # interleaved, so that a change of machine load hits them all
+        for label, (workers, max_envs, _) in configs.items():
+            runs[label].append(in_fresh_process(workers, max_envs))
             plain.append(plain_loop_rate(name, horizon, plain_steps))
     median = lambda rs: {k: float(np.median([r[k] for r in rs])) for k in rs[0]}
-    full, bounded = median(runs[None]), median(runs[args.max_envs])
     ref = float(np.median(plain))
-    per_worker = -(-n_slots // max(1, args.workers))
-    print(f"{label}, generic path: {args.pool_tasks} tasks x {args.pool_episodes} episodes x {horizon} steps = "
-          f"{n_slots * horizon} env steps per collect, {args.workers} workers, torch threads 1; "
+    print(f"{label_of(name)}, generic path: {args.pool_tasks} tasks x {args.pool_episodes} episodes x {horizon} steps = "
+          f"{n_slots * horizon} env steps per collect, torch threads 1; "
           f"load average at start {load:.1f} on {os.cpu_count()} cores")
-    print(f"  {'':36s} {'envs/worker':>11s} {'peak memory':>12s} {'1st collect':>12s} {'steps/s':>9s} {'vs plain':>9s}")
-    print(f"  {'plain loop (1 process, 1 env)':36s} {1:11d} {'':>12s} {'':>12s} {ref:9.0f} {1.0:8.2f}x   "
+    print(f"  {'':44s} {'envs/worker':>11s} {'peak memory':>12s} {'1st collect':>12s} {'steps/s':>9s} {'vs plain':>9s}")
+    print(f"  {'plain loop (1 process, 1 env)':44s} {1:11d} {'':>12s} {'':>12s} {ref:9.0f} {1.0:8.2f}x   "
           f"(median of {len(plain)} runs, interleaved: {', '.join(f'{r:.0f}' for r in plain)})")
-    for what, key, n_envs in [("collector, one env per slot", None, per_worker),
-                              (f"collector, max_envs={args.max_envs}", args.max_envs, min(per_worker, args.max_envs))]:
-        r, rates = median(runs[key]), [f"{x['rate']:.0f}" for x in runs[key]]
+    for label, (_, _, n_envs) in configs.items():
+        r, rates = median(runs[label]), [f"{x['rate']:.0f}" for x in runs[label]]
         each = f"   (steps/s of {len(rates)} runs: {', '.join(rates)})" if len(rates) > 1 else ""
-        print(f"  {what:36s} {n_envs:11d} {r['peak_mb']:9.0f} MB {r['first_seconds']:10.1f} s {r['rate']:9.0f} "
+        print(f"  {label:44s} {n_envs:11d} {r['peak_mb']:9.0f} MB {r['first_seconds']:10.1f} s {r['rate']:9.0f} "
               f"{r['rate'] / ref:8.2f}x{each}")
-    print(f"  bounded / one env per slot: peak memory {bounded['peak_mb'] / full['peak_mb']:.2f}x, "
+    full, bounded = (median(runs[k]) for k in list(configs)[-2:])
+    print(f"  bounded / one env per slot ({args.workers} workers): peak memory {bounded['peak_mb'] / full['peak_mb']:.2f}x, "
           f"steps/s {bounded['rate'] / full['rate']:.2f}x, first collect {bounded['first_seconds'] / full['first_seconds']:.2f}x")
+
+
+def label_of(name: str) -> str:
+    return POOL_ENVS[name][2]
 
 
 def main() -> None:
@@ -331,6 +341,8 @@ def main() -> None:
                     help="episode length (default: --horizon for HalfCheetahVel, 500 for Meta-World)")
     ap.add_argument("--max-envs", type=int, default=10, help="the bounded collector's envs per worker")
     ap.add_argument("--plain-steps", type=int, default=20_000, help="steps of each plain-loop measurement")
+    ap.add_argument("--pool-inprocess", action="store_true",
+                    help="also measure the collector in-process (0 workers): its overhead without processes")
     ap.add_argument("--pool-repeats", type=int, default=1, help="measurements of each collector (medians printed)")
     ap.add_argument("--measure-pool", help=argparse.SUPPRESS)
     args = ap.parse_args()

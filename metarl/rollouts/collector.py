@@ -784,7 +784,9 @@ class Collector:
 
         # Waves (max_envs): each replays the action noise from the same generator state and calls
         # the policy on the whole [T, B] batch (other waves' rows zero), so step t of every
-        # episode sees the draw and the policy output it gets with one env per slot. The
+        # episode sees the draw and the policy output it gets with one env per slot. Not only the
+        # wave's tasks: a smaller tensor can change the last bits (tried: the HalfCheetahVel check
+        # then failed; vectorised kernels treat a tensor's tail elements differently). The
         # generator ends where one wave over all slots leaves it: after the longest wave.
         plan = [(0, n)] if self.fast_path else waves(n, self.n_workers, self.max_envs)
         start_state = generator.get_state() if len(plan) > 1 else None
