@@ -98,6 +98,17 @@ def test_timestep_budgets_in_waves_equal_one_env_per_slot(lockstep):
     assert_every_field_equal(*got)
 
 
+def test_a_torchrun_share_collected_in_waves_is_its_share_of_one_env_per_slot():
+    """shard=(first, total) (a rank's tasks, noise drawn for the whole meta-batch) composes with waves."""
+    torch.manual_seed(2)
+    policy = GaussianMLPPolicy(2, 2, hidden=(8,))
+    got = []
+    for max_envs in (None, 4):
+        with Collector(NAV, NAV_KW, n_workers=0, max_envs=max_envs) as c:
+            got.append(c.collect(policy, None, NAV_TASKS[1:], 5, seed=4, shard=(1, 3)))
+    assert_every_field_equal(*got)
+
+
 def test_a_bad_step_in_a_later_wave_names_its_own_task_and_episode():
     policy = GaussianMLPPolicy(2, 1, hidden=(4,))
     with Collector(BrokenEnv, {"mode": "nan"}, n_workers=0, max_episode_steps=10, max_envs=1) as c:
