@@ -76,7 +76,8 @@ def check_task_env(env: gym.Env, n: int = 4, seed: int = 0) -> None:
     ``task_vector`` is a finite 1-D float vector of constant length
     (``task_dim`` if declared); the spaces are flat Boxes and the env declares an episode
     length (what the collector needs); ``reset`` right after ``set_task`` and one ``step`` return observations
-    of the declared shape with finite values, and a finite scalar reward.
+    of the declared shape with finite values, and a finite scalar reward; and the same task and
+    reset seed give the same start and first step after another episode (envs are reused).
     The env's current task (if any) is restored afterwards; the env is left
     mid-episode, so ``reset`` it before use.
     """
@@ -176,6 +177,37 @@ def _check(env: gym.Env, task_env: TaskEnv, name: str, n: int, seed: int) -> Non
         raise TaskEnvError(f"{name}.step returned reward {reward!r}; return a finite python float")
     if not isinstance(terminated, (bool, np.bool_)) or not isinstance(truncated, (bool, np.bool_)):
         raise TaskEnvError(f"{name}.step must return bool terminated/truncated, got {terminated!r}/{truncated!r}")
+    _check_reset_determines_episode(env, task_env, name, tasks, seed)
+
+
+def _first_step(env: gym.Env, task_env: TaskEnv, task: dict, seed: int, action: np.ndarray) -> tuple:
+    task_env.set_task(task)
+    obs, _ = env.reset(seed=seed)
+    nxt, reward, *_ = env.step(action)
+    return np.asarray(obs, dtype=np.float64), np.asarray(nxt, dtype=np.float64), float(reward)
+
+
+def _check_reset_determines_episode(env: gym.Env, task_env: TaskEnv, name: str, tasks: list, seed: int) -> None:
+    """The collector reuses one env for many episodes (across collections, and in waves with
+    ``sampler.max_envs``) and relies on Gymnasium's contract that ``reset(seed=s)``, after
+    ``set_task``, fixes the episode: the same (task, seed) and action must give the same start
+    and first step after the env ran another task's episode in between."""
+    action = np.asarray(env.action_space.sample())
+    before = _first_step(env, task_env, tasks[0], seed, action)
+    task_env.set_task(tasks[-1])
+    env.reset(seed=seed + 1)
+    for _ in range(3):
+        *_, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            break
+    after = _first_step(env, task_env, tasks[0], seed, action)
+    for what, a, b in zip(("start observation", "first-step observation", "first-step reward"), before, after):
+        if not np.array_equal(a, b):
+            raise TaskEnvError(
+                f"{name}: the same task and reset(seed={seed}) gave a different {what} after another episode ran; "
+                f"the collector reuses envs, so set_task and reset(seed=...) must fix the episode's state "
+                f"(draw randomness from self.np_random after super().reset(seed=seed), reset every counter)"
+            )
 
 
 def _check_obs(obs: Any, space: gym.Space, name: str, where: str) -> None:

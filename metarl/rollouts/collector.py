@@ -35,7 +35,9 @@ Two paths
   user's ``TaskWrapper``). With ``n_workers >= 1`` the envs live in worker processes (each owns a
   contiguous block of the T×B episodes and builds its own envs from the env id); the main process
   runs the policy and exchanges one message per worker per step over a pipe. ``n_workers=0`` steps
-  the same code in-process: the reference path. Every env output is validated (finite
+  the same code in-process: the reference path. ``max_envs=M`` bounds each worker to M envs:
+  the slots then run in consecutive waves that reuse them (:func:`waves`), with the same
+  Episodes. Every env output is validated (finite
   observation of the right shape, real scalar reward); bad output raises :class:`EnvOutputError`
   naming the env, the episode and the problem.
 * Fast (:mod:`metarl.rollouts.mujoco_batch`): the built-in MuJoCo task envs are stepped all at
@@ -64,7 +66,7 @@ from ..functional import forward_tasks
 from . import mujoco_batch
 from .episodes import Episodes, join_tasks
 
-__all__ = ["Collector", "CollectorError", "EnvOutputError", "episode_seeds"]
+__all__ = ["Collector", "CollectorError", "EnvOutputError", "episode_seeds", "waves"]
 
 EnvSpec = Union[str, Callable[[], Any]]
 
@@ -221,6 +223,19 @@ def lockstep_selection(lengths: Tensor, timesteps: int) -> Optional[Tensor]:
     return ends <= stop  # every episode ending at the stopping step counts, as in rllab's loop
 
 
+def waves(n_slots: int, n_workers: int, max_envs: Optional[int]) -> list[tuple[int, int]]:
+    """The waves of one collection: consecutive ranges ``[lo, hi)`` of the global episode slots.
+
+    A wave's slots are stepped together and split in contiguous blocks over the workers (as one
+    collection always was), so each of the ``max(1, n_workers)`` env groups is given at most
+    ``max_envs`` slots and never builds more envs than that; the next wave reuses them. With
+    ``max_envs=None`` there is one wave holding every slot: one env per episode, the original
+    lay-out. Issue #15: 50 Meta-World envs took about 1.4 GB per worker, so a HalfCheetah-sized
+    meta-batch of 800 slots would need most of a 24 GB machine."""
+    per_wave = n_slots if max_envs is None else max(1, n_workers) * int(max_envs)
+    return [(lo, min(lo + per_wave, n_slots)) for lo in range(0, n_slots, per_wave)]
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -229,10 +244,15 @@ def _one_line(text: str) -> str:
 
 
 class _EnvGroup:
-    """A block of Gymnasium envs, one per episode slot, stepped in a Python loop.
+    """A block of Gymnasium envs, one per episode slot of the current wave, stepped in a Python loop.
 
     Used in-process (``n_workers=0``) and inside each worker process; it imports no torch.
-    Envs are built on demand and kept between collections (building a MuJoCo env costs ms)."""
+    Envs are built on demand and kept between collections (building a MuJoCo env costs ms), so
+    the group holds as many envs as the largest block it was ever given: with
+    ``Collector(max_envs=M)`` at most M (see :func:`waves`). Every reset sets the slot's task and
+    calls ``reset(seed=...)``, so a reused env starts its episode as a fresh one would, provided
+    the env honours Gymnasium's contract that the seed and task determine the start state
+    (:func:`metarl.envs.check_task_env` checks it)."""
 
     def __init__(self, env_fn: Callable[[], Any], env_name: str, obs_shape: tuple, info_spec: Mapping[str, tuple]):
         self.env_fn = env_fn
@@ -485,11 +505,11 @@ class _WorkerPool:
                else f"exit code {code}")
         return f"{self.env_name}: collector worker {w} died ({how}); check memory and the env's constructor"
 
-    def reset(self, tasks, seeds, episodes_per_task) -> np.ndarray:
+    def reset(self, tasks, seeds, episodes_per_task, offset: int = 0) -> np.ndarray:
         self._start()
         per = -(-len(tasks) // self.n)
         self.bounds = [(min(w * per, len(tasks)), min((w + 1) * per, len(tasks))) for w in range(self.n)]
-        out = self._call("reset", [(tasks[lo:hi], seeds[lo:hi], episodes_per_task, lo) for lo, hi in self.bounds])
+        out = self._call("reset", [(tasks[lo:hi], seeds[lo:hi], episodes_per_task, offset + lo) for lo, hi in self.bounds])
         return np.concatenate(out, axis=0)
 
     def step(self, actions, active):
@@ -511,8 +531,8 @@ class _InProcess:
     def __init__(self, env_fn, env_name, obs_shape, info_spec):
         self.group = _EnvGroup(env_fn, env_name, obs_shape, info_spec)
 
-    def reset(self, tasks, seeds, episodes_per_task):
-        return self.group.reset(tasks, seeds, episodes_per_task)
+    def reset(self, tasks, seeds, episodes_per_task, offset: int = 0):
+        return self.group.reset(tasks, seeds, episodes_per_task, offset)
 
     def step(self, actions, active):
         return self.group.step(actions, active)
@@ -525,7 +545,7 @@ class _FastPath:
     def __init__(self, stepper: mujoco_batch.MujocoBatchStepper):
         self.stepper = stepper
 
-    def reset(self, tasks, seeds, episodes_per_task):
+    def reset(self, tasks, seeds, episodes_per_task, offset: int = 0):
         return self.stepper.reset(tasks, seeds)
 
     def step(self, actions, active):
@@ -580,6 +600,12 @@ class Collector:
         info_keys: numeric ``info`` entries to record in :attr:`Episodes.infos`; None records every
             numeric entry the env reports on its first step, ``()`` none.
         start_method: ``multiprocessing`` start method for workers (default fork on Linux, else spawn).
+        max_envs: generic path only: at most this many envs per worker (in-process: in all). A
+            collection of more episode slots runs in waves (:func:`waves`) that reuse the envs,
+            each episode reset with its own task and seed, so the Episodes are bit-identical to one
+            env per slot (None, the default). Bounds the memory of Python-heavy envs (Meta-World);
+            costs one policy call over the whole meta-batch per step of every wave. The MuJoCo fast
+            path holds one small ``MjData`` per slot and ignores it.
 
     Use as a context manager, or call :meth:`close`, to stop the workers.
 
@@ -591,9 +617,15 @@ class Collector:
 
     def __init__(self, env: EnvSpec, env_kwargs: Optional[Mapping[str, Any]] = None, *, n_workers: int = 2,
                  fast_path: Optional[bool] = None, max_episode_steps: Optional[int] = None,
-                 info_keys: Optional[Sequence[str]] = None, start_method: Optional[str] = None):
+                 info_keys: Optional[Sequence[str]] = None, start_method: Optional[str] = None,
+                 max_envs: Optional[int] = None):
         if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 0:
             raise ValueError(f"n_workers must be an int >= 0 (0 = in-process), got {n_workers!r}")
+        if max_envs is not None and (isinstance(max_envs, bool) or not isinstance(max_envs, (int, np.integer))
+                                     or max_envs < 1):
+            raise ValueError(f"max_envs must be a positive int (envs per worker) or None (one env per episode), "
+                             f"got {max_envs!r}")
+        self.max_envs = None if max_envs is None else int(max_envs)
         if not isinstance(env, str) and not callable(env):
             raise TypeError(f"env must be a Gymnasium id or a factory returning a task env, got {type(env).__name__}")
         self.env_id = _env_name(env)
@@ -780,7 +812,6 @@ class Collector:
         backend = self._get_backend()
         cap, d, a_dim = self.max_episode_steps, self.obs_dim, self.act_dim
 
-        obs_now = backend.reset(slot_tasks, seeds, n_eps)
         obs_buf = np.zeros((cap, n, d))
         rew_buf = np.zeros((cap, n))
         mask_buf = np.zeros((cap, n), dtype=bool)
@@ -790,35 +821,58 @@ class Collector:
         logp_buf = torch.zeros(cap, n, dtype=dtype)
         last_obs = np.zeros((n, d))
         lengths = np.zeros(n, dtype=np.int64)
-        active = np.ones(n, dtype=bool)
 
-        t = 0
-        with torch.no_grad():
-            while active.any() and t < cap:
-                obs_buf[t, active] = obs_now[active]
-                actions, logp = act(torch.as_tensor(obs_now, dtype=dtype).reshape(n_tasks, n_eps, d))
-                actions = actions.reshape(n, a_dim)
-                keep = torch.from_numpy(active)
-                act_buf[t] = torch.where(keep[:, None], actions, torch.zeros((), dtype=dtype))
-                logp_buf[t] = torch.where(keep, logp.reshape(n), torch.zeros((), dtype=dtype))
+        # Waves (max_envs): each replays the action noise from the same generator state and calls
+        # the policy on the whole [T, B] batch (other waves' rows zero), so step t of every
+        # episode sees the draw and the policy output it gets with one env per slot. Not only the
+        # wave's tasks: a smaller tensor can change the last bits (tried: the HalfCheetahVel check
+        # then failed; vectorised kernels treat a tensor's tail elements differently). The
+        # generator ends where one wave over all slots leaves it: after the longest wave.
+        plan = [(0, n)] if self.fast_path else waves(n, self.n_workers, self.max_envs)
+        start_state = generator.get_state() if len(plan) > 1 else None
+        t_max, end_state = 0, None
+        for lo, hi in plan:
+            if start_state is not None:
+                generator.set_state(start_state)
+            s = slice(lo, hi)
+            obs_now = np.zeros((n, d))
+            obs_now[s] = backend.reset(slot_tasks[s], seeds[s], n_eps, lo)
+            active = np.zeros(n, dtype=bool)
+            active[s] = True
 
-                env_actions = self._clip(actions.to(torch.float64).numpy())
-                nxt, reward, terminated, truncated, infos = backend.step(env_actions, active)
+            t = 0
+            with torch.no_grad():
+                while active.any() and t < cap:
+                    obs_buf[t, active] = obs_now[active]
+                    actions, logp = act(torch.as_tensor(obs_now, dtype=dtype).reshape(n_tasks, n_eps, d))
+                    actions = actions.reshape(n, a_dim)
+                    keep = torch.from_numpy(active)
+                    act_buf[t, s] = torch.where(keep[s, None], actions[s], torch.zeros((), dtype=dtype))
+                    logp_buf[t, s] = torch.where(keep[s], logp.reshape(n)[s], torch.zeros((), dtype=dtype))
 
-                mask_buf[t] = active
-                rew_buf[t, active] = reward[active]
-                term_buf[t] = terminated & active
-                for k, buf in info_buf.items():
-                    if k in infos:
-                        buf[t, active] = infos[k][active]
-                    else:
-                        buf[t, active] = np.nan
-                lengths[active] += 1
-                t += 1
-                done = active & (terminated | truncated | (t >= cap))
-                last_obs[done] = nxt[done]
-                obs_now[active] = nxt[active]
-                active &= ~done
+                    live = active[s]
+                    env_actions = self._clip(actions[s].to(torch.float64).numpy())
+                    nxt, reward, terminated, truncated, infos = backend.step(env_actions, live)
+
+                    mask_buf[t, s] = live
+                    rew_buf[t, s][live] = reward[live]
+                    term_buf[t, s] = terminated & live
+                    for k, buf in info_buf.items():
+                        if k in infos:
+                            buf[t, s][live] = infos[k][live]
+                        else:
+                            buf[t, s][live] = np.nan
+                    lengths[s] += live
+                    t += 1
+                    done = live & (terminated | truncated | (t >= cap))
+                    last_obs[s][done] = nxt[done]
+                    obs_now[s][live] = nxt[live]
+                    active[s] &= ~done
+            if t >= t_max:
+                t_max, end_state = t, (generator.get_state() if start_state is not None else None)
+        if end_state is not None:
+            generator.set_state(end_state)
+        t = t_max
 
         return self._episodes(obs_buf, act_buf, rew_buf, mask_buf, term_buf, logp_buf, info_buf, last_obs, lengths,
                               t, n_tasks, n_eps, dtype, tasks, seed)

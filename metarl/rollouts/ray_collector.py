@@ -61,10 +61,11 @@ START_SECONDS = 300.0
 class _RolloutActor:
     """One actor: its own in-process collector, collecting the shares it is sent."""
 
-    def __init__(self, env: EnvSpec, env_kwargs: Mapping[str, Any], max_episode_steps: int, info_keys: Sequence[str]):
+    def __init__(self, env: EnvSpec, env_kwargs: Mapping[str, Any], max_episode_steps: int, info_keys: Sequence[str],
+                 max_envs: Optional[int] = None):
         torch.set_num_threads(1)  # one CPU per actor: torch's threads would only contend with the simulator
         self.collector = Collector(env, env_kwargs, n_workers=0, max_episode_steps=max_episode_steps,
-                                   info_keys=list(info_keys))
+                                   info_keys=list(info_keys), max_envs=max_envs)
 
     def collect(self, policy: nn.Module, params, tasks, episodes_per_task: int, seed: int, shard: tuple[int, int]):
         """(episodes of ``tasks``, seconds spent collecting them here)."""
@@ -151,7 +152,8 @@ class RayCollector(Collector):
 
     def __init__(self, env: EnvSpec, env_kwargs: Optional[Mapping[str, Any]] = None, *, n_actors: int = 2,
                  address: Optional[str] = None, timeout: float = 600.0, restarts: int = 1,
-                 max_episode_steps: Optional[int] = None, info_keys: Optional[Sequence[str]] = None):
+                 max_episode_steps: Optional[int] = None, info_keys: Optional[Sequence[str]] = None,
+                 max_envs: Optional[int] = None):
         if isinstance(n_actors, bool) or not isinstance(n_actors, int) or n_actors < 1:
             raise ValueError(f"n_actors must be an int >= 1, got {n_actors!r}")
         if not timeout > 0:
@@ -168,7 +170,7 @@ class RayCollector(Collector):
         # The driver's own probe (spaces, episode cap, info keys): no workers, no fast path; the
         # actors build theirs. The actors record exactly the info keys the driver learned.
         super().__init__(env, env_kwargs, n_workers=0, fast_path=False, max_episode_steps=max_episode_steps,
-                         info_keys=info_keys)
+                         info_keys=info_keys, max_envs=max_envs)
         try:
             if not ray.is_initialized():
                 if address is None:
@@ -184,7 +186,8 @@ class RayCollector(Collector):
             raise
 
     def _new_actor(self):
-        return self._actor_cls.remote(self._env_spec, self._env_kwargs, self.max_episode_steps, tuple(self.info_spec))
+        return self._actor_cls.remote(self._env_spec, self._env_kwargs, self.max_episode_steps, tuple(self.info_spec),
+                                      self.max_envs)
 
     def actor_pids(self) -> list[int]:
         """The actors' process ids (for tests and diagnostics)."""
