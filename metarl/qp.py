@@ -12,24 +12,36 @@ one linear solve with the transposed KKT Jacobian,
     [[Q, Gᵀ diag(λ), Aᵀ], [G, −diag(s), 0], [A, 0, 0]] [w; ·; ·] = [∂L/∂z; 0; 0],
     ∂L/∂Q = −½(w zᵀ + z wᵀ),   ∂L/∂p = −w
 
-Only Q and p are differentiated (the closed-form heads of :mod:`metarl.algorithms.metaoptnet`
-put the features into Q and the labels into p, G, h, A). With few iterations (MetaOptNet trains
-with 3) the iterate is not converged and the backward pass is the KKT derivative at that iterate,
-as qpth does.
+Only Q and p are differentiated (the SVM dual below puts the features into Q and the labels into
+p, G, h, A). With few iterations (MetaOptNet trains with 3) the iterate is not converged and the
+backward pass is the KKT derivative at that iterate, as qpth does.
+
+The Crammer–Singer dual of MetaOptNet's SVM head, Q = M ⊗ I_K with G = I and A = I_n ⊗ 1_Kᵀ, has
+its own solver, :func:`solve_crammer_singer`: the same start and predictor-corrector iterates, but
+each Newton system [[Q + diag(λ/s), Aᵀ], [A, 0]] is solved through its structure (class-major it is
+K blocks M + diag(λ_k/s_k), n×n, bordered by the constraint Σ_k α_k = 0; a Cholesky factorisation
+per block and one of the n×n Schur complement, :func:`_cs_factor`), and the backward pass solves
+the same system at the returned iterate. Memory t·K·n² and time t·K·n³ instead of t·(nK)² and
+t·(nK)³: the dense form of a 20-way 15-shot training episode (6,000 unknowns) exhausted the
+machine's 24 GB at meta-batch 8; the structured solve holds ~0.2 GB
+(``benchmarks/heads_speed.py --qp``: 5-way 15-shot, 8 episodes, d = 64, 3 iterations, forward +
+backward, 1 thread on a loaded machine: 0.049 s and 19 MB structured vs 0.95 s and 255 MB dense;
+20-way 15-shot 4.5 s, 194 MB). The Woodbury form through the feature dimension (ZZᵀ has rank ≤ d)
+factorises 1.9x faster at 20-way 15-shot but needs diag(s/λ), which grows without bound near the
+optimum: it agrees at 3 iterations and is 1.6e-5 off at 15 (``--woodbury``), so it is not used.
 
 Why not qpth (the solver MetaOptNet's code uses): qpth 0.0.18 requires ``numpy<2`` and cvxpy at
 import time, which would pin this project's numpy; and its solver factorises Q alone, so Q must be
 positive definite (MetaOptNet adds 1·I to the Crammer–Singer kernel for that). Here every Newton
 system is Q + diag(λ/s), positive definite whenever Q is PSD and G = I, so no jitter is needed.
-Speed against qpth (``benchmarks/heads_speed.py --qp``, 8 episodes, 3 iterations, forward +
+Speed of the dense :func:`solve_qp` against qpth (measured before the structured solver existed,
+``benchmarks/heads_speed.py --qp`` with 256-dim features, 8 episodes, 3 iterations, forward +
 backward, medians on a heavily loaded 2-core machine): 5-way 1-shot (25 unknowns) 0.28 s here vs
 0.67 s qpth (2 threads); 5-way 15-shot (375 unknowns) 4.8 s here vs 2.3 s qpth (1 thread: qpth
-crashes on 2 threads with the batched-LU bug below). So this solver is faster on the 1- and 5-shot
-episodes the toolkit tests on, qpth about 2x faster on MetaOptNet's 15-shot training episodes
-(float32 and a reduced backward system there; this one solves in float64, unreduced).
+crashes on 2 threads with the batched-LU bug below); the structured solver is 19x faster than the
+dense one at 5-way 15-shot (above). qpth is not installed here, so it was not re-measured.
 
-Every solve runs in float64 (these systems are at most a few hundred unknowns; the conv net's
-cost dominates) and z* is returned in Q's dtype.
+Every solve runs in float64 (the conv net's cost dominates) and z* is returned in Q's (M's) dtype.
 """
 from __future__ import annotations
 
@@ -190,9 +202,10 @@ def crammer_singer_qp(M: Tensor, P: Tensor, H: Tensor):
 def crammer_singer_bytes(t: int, n: int, k: int) -> int:
     """Peak bytes :func:`solve_crammer_singer` allocates for t problems of n × K variables, forward
     or backward (the backward refactorises after the forward's factors are freed): R (t·K·n²
-    float64), :func:`_cs_factor`'s four buffers and the Schur factor, M in float64 and its
-    gradient (7·t·n²), and the [t, n, K] iterates and right-hand sides (~40 of them)."""
-    return 8 * t * ((k + 7) * n * n + 40 * n * k)
+    float64), :func:`_cs_factor`'s four buffers, the Schur factor, M in float64 and its gradient,
+    and LAPACK's copies (12·t·n² in all: measured 194 MB at t = 8, 20-way 15-shot, where this gives
+    189, ``benchmarks/heads_speed.py --qp``), and the [t, n, K] iterates (~40 of them)."""
+    return 8 * t * ((k + 12) * n * n + 40 * n * k)
 
 
 def _cholesky(T: Tensor, out: Optional[Tensor] = None) -> Tensor:

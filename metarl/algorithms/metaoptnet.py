@@ -11,8 +11,13 @@ in its dual, n·K variables for n support images and K classes (sec. 3.3):
 i.e. Q = (XXᵀ) ⊗ I_K, p = −vec(Y), G = I, h = C·vec(Y), A = I_n ⊗ 1_Kᵀ. The classifier is
 w_k = Σ_n α_n^k f_θ(x_n), so a query's logits are Σ_n α_n^k ⟨f_θ(x_n), f_θ(x_q)⟩, times a learned
 scale (sec. 3.4: the SVM's margins are not calibrated for the softmax). The QP is solved for every
-task of the meta-batch at once by :func:`metarl.qp.solve_qp` (batched primal-dual interior point;
-gradients from the KKT conditions, as OptNet/qpth); its module docstring says why not qpth.
+task of the meta-batch at once by :func:`metarl.qp.solve_crammer_singer` (batched primal-dual
+interior point, gradients from the KKT conditions, as OptNet/qpth), which uses the structure of Q:
+per Newton step K Cholesky factorisations of n×n blocks and one n×n Schur complement, so memory
+grows as meta_batch·K·n² (~0.2 GB for 8 20-way 15-shot episodes, where the dense (nK)² form
+needed more than the machine's 24 GB); its module docstring has the figures and says why not
+qpth. Before the first solve of each episode shape, :func:`check_svm_fits` compares that estimate
+with MemAvailable and stops with a one-line error naming the setting to lower.
 ``head: ridge`` is MetaOptNet's ridge-regression base learner: R2-D2's closed-form solve
 (:func:`metarl.algorithms.r2d2.ridge_logits`) with a fixed λ and the learned scale.
 
