@@ -25,8 +25,8 @@ the same system at the returned iterate. Memory t·K·n² and time t·K·n³ ins
 t·(nK)³: the dense form of a 20-way 15-shot training episode (6,000 unknowns) exhausted the
 machine's 24 GB at meta-batch 8; the structured solve holds ~0.2 GB
 (``benchmarks/heads_speed.py --qp``: 5-way 15-shot, 8 episodes, d = 64, 3 iterations, forward +
-backward, 1 thread on a loaded machine: 0.049 s and 19 MB structured vs 0.95 s and 255 MB dense;
-20-way 15-shot 4.5 s, 194 MB). The Woodbury form through the feature dimension (ZZᵀ has rank ≤ d)
+backward, 1 thread on a loaded machine: 0.084 s and 21 MB structured vs 1.37 s and 260 MB dense;
+20-way 15-shot 5.5 s, 193 MB). The Woodbury form through the feature dimension (ZZᵀ has rank ≤ d)
 factorises 1.9x faster at 20-way 15-shot but needs diag(s/λ), which grows without bound near the
 optimum: it agrees at 3 iterations and is 1.6e-5 off at 15 (``--woodbury``), so it is not used.
 
@@ -38,7 +38,7 @@ Speed of the dense :func:`solve_qp` against qpth (measured before the structured
 ``benchmarks/heads_speed.py --qp`` with 256-dim features, 8 episodes, 3 iterations, forward +
 backward, medians on a heavily loaded 2-core machine): 5-way 1-shot (25 unknowns) 0.28 s here vs
 0.67 s qpth (2 threads); 5-way 15-shot (375 unknowns) 4.8 s here vs 2.3 s qpth (1 thread: qpth
-crashes on 2 threads with the batched-LU bug below); the structured solver is 19x faster than the
+crashes on 2 threads with the batched-LU bug below); the structured solver is 16x faster than the
 dense one at 5-way 15-shot (above). qpth is not installed here, so it was not re-measured.
 
 Every solve runs in float64 (the conv net's cost dominates) and z* is returned in Q's (M's) dtype.
@@ -203,8 +203,8 @@ def crammer_singer_bytes(t: int, n: int, k: int) -> int:
     """Peak bytes :func:`solve_crammer_singer` allocates for t problems of n × K variables, forward
     or backward (the backward refactorises after the forward's factors are freed): R (t·K·n²
     float64), :func:`_cs_factor`'s four buffers, the Schur factor, M in float64 and its gradient,
-    and LAPACK's copies (12·t·n² in all: measured 194 MB at t = 8, 20-way 15-shot, where this gives
-    189, ``benchmarks/heads_speed.py --qp``), and the [t, n, K] iterates (~40 of them)."""
+    and LAPACK's copies (12·t·n² in all: measured 193 MB at t = 8, 20-way 15-shot, where this gives
+    190, ``benchmarks/heads_speed.py --qp``), and the [t, n, K] iterates (~40 of them)."""
     return 8 * t * ((k + 12) * n * n + 40 * n * k)
 
 

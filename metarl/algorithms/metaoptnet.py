@@ -70,9 +70,10 @@ def available_memory() -> Optional[int]:
 
 
 def check_svm_fits(tasks: int, n: int, n_way: int, training: bool) -> None:
-    """A one-line ConfigError, before the dual is built, when the solve of ``tasks`` episodes of
-    ``n`` support images would need more memory than is available (the kernel would otherwise
-    kill the run mid-iteration; the checkpoints already saved stay as they are)."""
+    """A one-line ConfigError, before the episodes are embedded, when the SVM solve of ``tasks``
+    episodes of ``n`` support images (:func:`metarl.qp.crammer_singer_bytes`) would need more memory
+    than is available: the kernel would otherwise kill the run mid-iteration; this way the
+    checkpoints already saved stay as they are."""
     need, have = crammer_singer_bytes(tasks, n, n_way), available_memory()
     if have is not None and need > have:
         fix = ("metaoptnet.train_shot, metaoptnet.train_way or meta_batch" if training
@@ -132,12 +133,16 @@ class MetaOptNet(EmbeddingHead):
         if c.head == "ridge":
             raw = ridge_logits(zs, ys, zq, n_way, c.ridge_lambda)
         else:
-            key = (*zs.shape[:2], n_way, training)
-            if key not in self._fits:  # once per episode shape (memory freed by one step may stay with the allocator)
-                check_svm_fits(*key)
-                self._fits.add(key)
             raw = svm_logits(zs, ys, zq, n_way, c.C, c.train_iterations if training else c.eval_iterations)
         return self.head.scale * raw
+
+    def query_logits(self, batch, training):
+        if self.own.head == "svm":  # before the embedding too: its activations grow with the same settings
+            key = (*batch.y_support.shape, int(batch.y_support.max()) + 1, training)
+            if key not in self._fits:  # once per episode shape (memory one step frees may stay with the allocator)
+                check_svm_fits(*key)
+                self._fits.add(key)
+        return super().query_logits(batch, training)
 
     def train_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         eps, k = self.own.label_smoothing, logits.shape[-1]
