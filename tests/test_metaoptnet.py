@@ -238,3 +238,19 @@ def test_memory_check_refuses_before_solving_and_keeps_the_checkpoint(tmp_path, 
     assert load_track(tmp_path)[2] == 2
     monkeypatch.setattr(metaoptnet, "available_memory", lambda: need)   # just enough: passes the check
     metaoptnet.check_svm_fits(2, 10, 5, True)
+
+
+def test_cholesky_fallback_factorises_a_numerically_singular_block():
+    """metarl.qp._cholesky: a PSD matrix that rounding made indefinite (what a block S^½ M S^½ + Λ
+    with n > rank M and λ → 0 becomes) gets the smallest diagonal jitter that factorises it; a
+    positive definite matrix of the same batch gets its exact factor."""
+    from metarl.qp import _cholesky
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    T = Z @ Z.transpose(1, 2)
+    T[0] -= 1e-12 * torch.eye(6, dtype=torch.float64)                # rank 3, pushed just below PSD
+    T[1] += torch.eye(6, dtype=torch.float64)
+    assert torch.linalg.cholesky_ex(T).info[0] > 0
+    L = _cholesky(T)
+    torch.testing.assert_close(L[1], torch.linalg.cholesky(T[1]), atol=0, rtol=0)
+    assert (L[0] @ L[0].T - T[0]).abs().max() < 1e-9 * T[0].diagonal().max()
