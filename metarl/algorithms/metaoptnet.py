@@ -11,8 +11,13 @@ in its dual, n·K variables for n support images and K classes (sec. 3.3):
 i.e. Q = (XXᵀ) ⊗ I_K, p = −vec(Y), G = I, h = C·vec(Y), A = I_n ⊗ 1_Kᵀ. The classifier is
 w_k = Σ_n α_n^k f_θ(x_n), so a query's logits are Σ_n α_n^k ⟨f_θ(x_n), f_θ(x_q)⟩, times a learned
 scale (sec. 3.4: the SVM's margins are not calibrated for the softmax). The QP is solved for every
-task of the meta-batch at once by :func:`metarl.qp.solve_qp` (batched primal-dual interior point;
-gradients from the KKT conditions, as OptNet/qpth); its module docstring says why not qpth.
+task of the meta-batch at once by :func:`metarl.qp.solve_crammer_singer` (batched primal-dual
+interior point, gradients from the KKT conditions, as OptNet/qpth), which uses the structure of Q:
+per Newton step K Cholesky factorisations of n×n blocks and one n×n Schur complement, so memory
+grows as meta_batch·K·n² (~0.2 GB for 8 20-way 15-shot episodes, where the dense (nK)² form
+needed more than the machine's 24 GB); its module docstring has the figures and says why not
+qpth. Before the first solve of each episode shape, :func:`check_svm_fits` compares that estimate
+with MemAvailable and stops with a one-line error naming the setting to lower.
 ``head: ridge`` is MetaOptNet's ridge-regression base learner: R2-D2's closed-form solve
 (:func:`metarl.algorithms.r2d2.ridge_logits`) with a fixed λ and the learned scale.
 
@@ -26,34 +31,55 @@ Adam (``outer.lr``) on Conv4, as the paper's Conv4 ablation (their Table 1 "4-la
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, resumable
-from ..qp import solve_qp
+from ..qp import crammer_singer_bytes, solve_crammer_singer
 from ..registry import algorithm
 from .protonet import EmbeddingHead, EpisodeOverrides, one_hot
 from .r2d2 import ridge_logits
 
 
-def svm_dual(zs: Tensor, ys: Tensor, n_way: int, C: float):
-    """The Crammer–Singer dual of a meta-batch as QP data (Q, p, G, h, A) over α = vec([n, K])."""
-    t, n, _ = zs.shape
-    Y = one_hot(ys, n_way, zs.dtype).reshape(t, n * n_way)
-    eye_k = torch.eye(n_way, dtype=zs.dtype)
-    Q = torch.einsum("tij,kl->tikjl", zs @ zs.transpose(1, 2), eye_k).reshape(t, n * n_way, n * n_way)
-    G = torch.eye(n * n_way, dtype=zs.dtype).expand(t, -1, -1)
-    A = torch.kron(torch.eye(n, dtype=zs.dtype), torch.ones(1, n_way, dtype=zs.dtype)).expand(t, -1, -1)
-    return Q, -Y, G, C * Y, A
+def svm_problem(zs: Tensor, ys: Tensor, n_way: int, C: float):
+    """The Crammer–Singer dual of a meta-batch as the (M, P, H) of :func:`metarl.qp.solve_crammer_singer`:
+    M = ZZᵀ [t, n, n] (Q = M ⊗ I_K; float64), P = −Y and H = C·Y [t, n, K]."""
+    Y = one_hot(ys, n_way, zs.dtype)
+    z = zs.double()  # M in float64: float32 rounding leaves ZZᵀ indefinite by ~1e-7·‖M‖ when n > d
+    return z @ z.transpose(1, 2), -Y, C * Y
 
 
 def svm_logits(zs: Tensor, ys: Tensor, zq: Tensor, n_way: int, C: float, iterations: int) -> Tensor:
     """Query scores Σ_n α_n^k ⟨x_n, x_q⟩ of the Crammer–Singer SVM fitted to the support set."""
-    Q, p, G, h, A = svm_dual(zs, ys, n_way, C)
-    alpha = solve_qp(Q, p, G, h, A, None, iterations).reshape(zs.shape[0], zs.shape[1], n_way)
+    alpha = solve_crammer_singer(*svm_problem(zs, ys, n_way, C), iterations).to(zs.dtype)
     return (zq @ zs.transpose(1, 2)) @ alpha
+
+
+def available_memory() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_svm_fits(tasks: int, n: int, n_way: int, training: bool) -> None:
+    """A one-line ConfigError, before the episodes are embedded, when the SVM solve of ``tasks``
+    episodes of ``n`` support images (:func:`metarl.qp.crammer_singer_bytes`) would need more memory
+    than is available: the kernel would otherwise kill the run mid-iteration; this way the
+    checkpoints already saved stay as they are."""
+    need, have = crammer_singer_bytes(tasks, n, n_way), available_memory()
+    if have is not None and need > have:
+        fix = ("metaoptnet.train_shot, metaoptnet.train_way or meta_batch" if training
+               else "fewshot_eval.chunk (episodes solved together) or the episode's n_way / k_shot")
+        raise ConfigError(f"metaoptnet: the SVM dual of {tasks} episodes x {n} support images x {n_way} classes needs "
+                          f"~{need / 2**30:.1f} GB, {have / 2**30:.1f} GB is available: lower {fix}")
 
 
 class Scale(nn.Module):
@@ -95,6 +121,10 @@ class MetaOptNet(EmbeddingHead):
     """MetaOptNet (Lee et al. 2019): a differentiable SVM (or ridge) head on the Conv4 embedding."""
     Config = MetaOptNetConfig
 
+    def __init__(self, problem, cfg):
+        super().__init__(problem, cfg)
+        self._fits = set()  # episode shapes check_svm_fits has passed
+
     def build_head(self):
         return Scale(self.own.scale_init)
 
@@ -105,6 +135,14 @@ class MetaOptNet(EmbeddingHead):
         else:
             raw = svm_logits(zs, ys, zq, n_way, c.C, c.train_iterations if training else c.eval_iterations)
         return self.head.scale * raw
+
+    def query_logits(self, batch, training):
+        if self.own.head == "svm":  # before the embedding too: its activations grow with the same settings
+            key = (*batch.y_support.shape, int(batch.y_support.max()) + 1, training)
+            if key not in self._fits:  # once per episode shape (memory one step frees may stay with the allocator)
+                check_svm_fits(*key)
+                self._fits.add(key)
+        return super().query_logits(batch, training)
 
     def train_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         eps, k = self.own.label_smoothing, logits.shape[-1]
