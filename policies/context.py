@@ -83,9 +83,19 @@ class FiLMContext(nn.Module):
 
     Parameters θ: ``net.*`` (the wrapped :class:`policies.conv4.Conv4`) and ``film.{i}.weight`` /
     ``film.{i}.bias`` for each conditioned block i: (γ, β) = film_i(φ), each of width ``hidden``.
-    The bias is initialised to γ = 1, β = 0, so the zero context every task starts from leaves the
-    network as it is (the reference code keeps PyTorch's default bias, γ ≈ U(±0.1) at φ = 0; the
-    batch norm's own learnable scale makes the two parametrisations reach the same functions).
+    Initialised as the reference code (``classification/models.py``): Kaiming-uniform weights
+    (linear gain) and ``nn.Linear``'s own bias, U(±1/√context_size), so at φ = 0 γ and β are small
+    (±0.1 for 100 context parameters), not the identity γ = 1, β = 0.
+
+    Why the bias's scale matters although it does not change the functions reachable: for blocks
+    0-2 the next block's batch norm removes any common positive scale of the FiLMed output (the
+    logits are invariant to (γ, β) → c·(γ, β), c > 0; tests/test_cavia.py), so what counts is the
+    context's share W φ relative to the bias b. The identity start b = 1 (an earlier choice here;
+    |b| averages 0.05 under the reference init) made that share ~20x smaller: at initialisation
+    the context gradient was ~15x smaller (Omniglot 20-way: |∇_φ L| 0.11 instead of 1.64) and the
+    first step of size α = 1 lowered the support loss by 0.01 instead of 0.17. At 20-way 1-shot the
+    context then stayed inert and the outer loop only flattened the logits to chance; with the
+    reference start CAVIA learns (experiments/RESULTS.md, session 11).
     """
 
     def __init__(self, net: nn.Module, context_size: int, blocks: Sequence[int] = (2,)):
@@ -98,11 +108,8 @@ class FiLMContext(nn.Module):
         self.net, self.context_size, self.blocks = net, context_size, tuple(sorted(blocks))
         h = net.hidden
         self.film = nn.ModuleDict({str(b): nn.Linear(context_size, 2 * h) for b in self.blocks})
-        for layer in self.film.values():
-            nn.init.kaiming_uniform_(layer.weight, nonlinearity="linear")  # the reference code's "kaiming" choice
-            with torch.no_grad():
-                layer.bias[:h].fill_(1.0)
-                layer.bias[h:].zero_()
+        for layer in self.film.values():  # the reference code's "kaiming" choice; the bias keeps nn.Linear's init
+            nn.init.kaiming_uniform_(layer.weight, nonlinearity="linear")
 
     def film_params(self, params: Mapping[str, Tensor], n_tasks: int) -> dict[int, tuple[Tensor, Tensor]]:
         """{block: (γ, β)}, each [T, hidden], from the per-task context."""
