@@ -86,6 +86,45 @@ def test_snail_is_causal(float64):
     assert not torch.allclose(net(support, ys, xq)[0], logits)
 
 
+def per_query_logits(net, xs, ys, xq):
+    """The definition the forward reformulates: every query its own sequence (the S support
+    tokens, then that query's), all Q·T sequences through the stack; logits at the last position."""
+    support, queries = net.tokens(xs, ys, xq)
+    t, s, q = xs.shape[0], xs.shape[1], xq.shape[1]
+    seq = torch.cat([support.unsqueeze(1).expand(t, q, s, support.shape[-1]), queries.unsqueeze(2)], dim=2)
+    return net.sequence(seq.reshape(t * q, s + 1, -1))[:, -1].reshape(t, q, -1)
+
+
+@pytest.mark.parametrize("n_way,k,s,q", [(3, 2, 6, 4),   # S below the widest dilation (8): zero padding there
+                                         (2, 1, 2, 3),   # S = the first dilation
+                                         (3, 2, 0, 2),   # empty prefix (predict's stage 0)
+                                         (4, 3, 12, 1),  # one query; dilations 2..16
+                                         (3, 2, 3, 5)])  # a shot-major prefix shorter than the episode
+def test_shared_prefix_equals_per_query_sequences(float64, n_way, k, s, q):
+    """The forward (the support prefix once, then each query's last position) equals the Q full
+    sequences run through the stack: logits, and gradients w.r.t. every parameter and both image
+    sets, in training (batch statistics) and evaluation mode."""
+    torch.manual_seed(0)
+    emb = ImageEmbedding(1, 16, hidden=4, out_dim=6)
+    net = SNAILNet(n_way, n_way * k + 1, emb, [4, 8], [3, 5], 4)
+    g = torch.Generator().manual_seed(1)
+    xs, xq = torch.rand(2, s, 1, 16, 16, generator=g), torch.rand(2, q, 1, 16, 16, generator=g)
+    ys = torch.randint(n_way, (2, s), generator=g)
+    w = torch.randn(2, q, n_way, generator=g)  # a random linear functional of the logits: distinct gradients per output
+    params = list(net.parameters())
+    for train in (True, False):
+        net.train(train)
+        grads = []
+        for f in (lambda *a: net(*a)[0], lambda *a: per_query_logits(net, *a)):
+            a, b = xs.clone().requires_grad_(), xq.clone().requires_grad_()
+            logits = f(a, ys, b)
+            grads.append((logits, *torch.autograd.grad((logits * w).sum(), params + [a, b])))
+        assert grads[0][0].shape == (2, q, n_way)
+        for name, new, ref in zip(["logits"] + [n for n, _ in net.named_parameters()] + ["x_support", "x_query"], *grads):
+            assert torch.allclose(new, ref, atol=1e-12, rtol=1e-10), (train, name)
+        assert grads[0][0].abs().max() > 0 and grads[0][-2].numel() == 2 * s * 256
+
+
 def test_shot_major_order_reveals_whole_shots():
     y = torch.tensor([[0, 0, 1, 1, 2, 2], [2, 1, 0, 2, 1, 0]])
     order = shot_major_order(y, 3)
