@@ -16,6 +16,16 @@ from metarl.training import load_track, train
 from test_heads import tiny
 
 
+def central_differences(f, x, eps):
+    """∂f/∂x element by element, (f(x + eps e_i) − f(x − eps e_i)) / 2eps."""
+    out = torch.zeros_like(x)
+    for i in range(x.numel()):
+        d = torch.zeros_like(x).reshape(-1)
+        d[i] = eps
+        out.reshape(-1)[i] = (f(x + d.reshape(x.shape)) - f(x - d.reshape(x.shape))) / (2 * eps)
+    return out
+
+
 def random_svm(seed, t=3, n_way=3, shot=2, d=4):
     g = torch.Generator().manual_seed(seed)
     zs = torch.randn(t, n_way * shot, d, generator=g, dtype=torch.float64)
@@ -110,12 +120,7 @@ def test_qp_gradient_wrt_linear_term_and_no_equality(float64):
     Q_, p_ = Q.clone().requires_grad_(), p.clone().requires_grad_()
     gQ, gp = torch.autograd.grad(f(Q_, p_), (Q_, p_))
     eps = 1e-4  # the solver stops at a 1e-10 KKT residual: a smaller step would measure its noise
-    num_p = torch.zeros_like(p)
-    for i in range(p.numel()):
-        d = torch.zeros_like(p).reshape(-1)
-        d[i] = eps
-        num_p.reshape(-1)[i] = (f(Q, p + d.reshape(p.shape)) - f(Q, p - d.reshape(p.shape))) / (2 * eps)
-    torch.testing.assert_close(gp, num_p, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gp, central_differences(lambda x: f(Q, x), p, eps), atol=1e-6, rtol=1e-5)
     E = torch.zeros_like(Q)
     E[0, 1, 2] = E[0, 2, 1] = eps  # symmetric perturbation of one off-diagonal pair
     num_q = (f(Q + E, p) - f(Q - E, p)) / (2 * eps)
@@ -212,12 +217,7 @@ def test_structured_gradient_wrt_gram_matrix_and_linear_term(float64):
         E[0, i, j] = E[0, j, i] = eps
         num = (f(M + E, P) - f(M - E, P)) / (2 * eps) / (1 if i == j else 2)
         torch.testing.assert_close((gM[0, i, j] + gM[0, j, i]) / 2, num, atol=1e-6, rtol=1e-5)
-    num_p = torch.zeros_like(P)
-    for i in range(P.numel()):
-        d = torch.zeros_like(P).reshape(-1)
-        d[i] = eps
-        num_p.reshape(-1)[i] = (f(M, P + d.reshape(P.shape)) - f(M, P - d.reshape(P.shape))) / (2 * eps)
-    torch.testing.assert_close(gP, num_p, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gP, central_differences(lambda x: f(M, x), P, eps), atol=1e-6, rtol=1e-5)
 
 
 def test_memory_check_refuses_before_solving_and_keeps_the_checkpoint(tmp_path, monkeypatch):
